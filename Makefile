@@ -1,0 +1,32 @@
+# flora_mm — every target goes through `env`, which builds (once) or reuses the cached
+# virtual environment outside the checkout (scripts/setup_env.sh; FLORA_MM_ENV overrides it).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PY = $(shell bash scripts/setup_env.sh)
+
+.PHONY: help env python-path test demo demo-all data bench
+
+help:
+	@echo "make demo        set up, generate tiny COCO, fine-tune FLoRA with tools/train.py, evaluate with tools/test.py"
+	@echo "make demo-all    the same for COCO, ADE20K and DOTA"
+	@echo "make test        set up and run the test suite"
+	@echo "make env         build or reuse the environment only"
+	@echo "make -s python-path   print the environment's interpreter"
+
+env:
+	@bash scripts/setup_env.sh >/dev/null
+
+python-path:
+	@bash scripts/setup_env.sh
+
+test: env
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+demo: env
+	$(PY) tools/demo.py --tasks coco
+
+demo-all: env
+	$(PY) tools/demo.py --tasks coco ade20k dota
+
+bench: env
+	$(PY) tools/benchmark.py
