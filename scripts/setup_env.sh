@@ -54,11 +54,12 @@ rm -rf "$env_dir"
 "$py" -m venv "$env_dir"
 pipi() { "$vpy" -m pip install --disable-pip-version-check --no-input "$@" >&2; }
 pipi -q --upgrade "pip==25.3"
-pipi -q -r requirements-build.txt
 
-# 1. torch and torchvision, pinned in requirements.txt
+# 1. torch and torchvision, pinned in requirements.txt; then the build tools (torch pulls a
+#    setuptools without pkg_resources, which mmcv's setup.py needs: the pin goes in after torch)
 pin() { grep -E "^$1==" requirements.txt; }
 pipi -q "$(pin torch)" "$(pin torchvision)"
+pipi -q -r requirements-build.txt
 
 # 2. mmcv from source with its CPU ops, against that torch.
 #    Its setup.py hard-codes -std=c++14 while torch's headers need C++20: a compiler wrapper
@@ -79,7 +80,7 @@ PATH="$env_dir/bin:$PATH" CXX="$wrap" MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS="${M
 
 # 3. the rest, then flora_mm in editable mode. The constraint keeps pip from replacing the
 #    torch/mmcv just installed.
-pipi -q -r requirements.txt -r requirements-test.txt
+pipi -q -r requirements.txt -r requirements-test.txt -c requirements-build.txt
 pipi -q --no-deps --no-build-isolation -e "$root"
 
 # 4. fail loudly unless the compiled ops and every OpenMMLab package import

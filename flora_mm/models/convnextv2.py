@@ -1,0 +1,201 @@
+"""ConvNeXt-V2 backbone for OpenMMLab dense prediction, built from timm's ConvNeXt.
+
+timm's modules are kept at the top level (``stem``, ``stages``) so the state-dict keys are
+timm's own keys (minus the classifier head): a timm checkpoint loads as is, and adapter targets
+are addressed with timm's names (``stages.2.blocks.5.conv_dw``, ``...mlp.fc1``).
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import timm
+import torch
+from mmengine.logging import print_log
+from mmengine.model import BaseModule
+from timm.layers import LayerNorm2d
+from timm.models.convnext import checkpoint_filter_fn
+from torch.utils.checkpoint import checkpoint
+
+from flora_mm.registry import MODELS
+
+from ._checkpoint import init_weights_from_cfg, load_by_keys, read_state_dict, select_prefix
+
+# Every ConvNeXt-V2 size timm defines: name -> (depths, dims), for reference and validation.
+CONVNEXTV2_ARCHS: Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...]]] = {
+    'atto': ((2, 2, 6, 2), (40, 80, 160, 320)),
+    'femto': ((2, 2, 6, 2), (48, 96, 192, 384)),
+    'pico': ((2, 2, 6, 2), (64, 128, 256, 512)),
+    'nano': ((2, 2, 8, 2), (80, 160, 320, 640)),
+    'tiny': ((3, 3, 9, 3), (96, 192, 384, 768)),
+    'small': ((3, 3, 27, 3), (96, 192, 384, 768)),
+    'base': ((3, 3, 27, 3), (128, 256, 512, 1024)),
+    'large': ((3, 3, 27, 3), (192, 384, 768, 1536)),
+    'huge': ((3, 3, 27, 3), (352, 704, 1408, 2816)),
+}
+
+# Classifier / pooled-feature parts of a timm checkpoint that a dense backbone does not have.
+_DROP_PREFIXES = ('head.', 'norm_pre.')
+
+
+@MODELS.register_module()
+class ConvNeXtV2(BaseModule):
+    """ConvNeXt-V2 (timm ``convnextv2_<arch>``) returning multi-scale NCHW feature maps.
+
+    Args:
+        arch: timm size name: atto, femto, pico, nano, tiny, small, base, large, huge.
+        out_indices: stages whose outputs are returned (strides 4, 8, 16, 32).
+        drop_path_rate: stochastic depth rate, passed to timm.
+        out_norm: add a channels-first LayerNorm (``norm{i}``) per output, as OpenMMLab's
+            ConvNeXt dense-prediction backbones do; these are new parameters (not pretrained).
+        frozen_stages: freeze the stem and stages ``0..frozen_stages`` (-1 freezes nothing).
+        with_cp: non-reentrant activation checkpointing per block (saves memory when training).
+        init_cfg: ``dict(type='Pretrained', checkpoint=LOCAL_PATH[, prefix='backbone.'])`` loads
+            a local checkpoint in timm or official ConvNeXt-V2/FCMAE key layout; other mmengine
+            init configs are applied as usual.
+    """
+
+    def __init__(self,
+                 arch: str = 'atto',
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 drop_path_rate: float = 0.0,
+                 out_norm: bool = True,
+                 frozen_stages: int = -1,
+                 with_cp: bool = False,
+                 init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
+        super().__init__(init_cfg=init_cfg)
+        if arch not in CONVNEXTV2_ARCHS:
+            raise ValueError(f'unknown ConvNeXt-V2 arch {arch!r}; '
+                             f'choose one of {sorted(CONVNEXTV2_ARCHS)}')
+        self.arch = arch
+        self.out_indices = tuple(int(i) for i in out_indices)
+        if not self.out_indices or any(i < 0 or i > 3 for i in self.out_indices):
+            raise ValueError(f'out_indices must be in 0..3, got {out_indices}')
+        self.frozen_stages = frozen_stages
+        self.with_cp = with_cp
+
+        # pretrained=False: weights only ever come from local files (init_weights).
+        model = timm.create_model(f'convnextv2_{arch}', pretrained=False, num_classes=0,
+                                  drop_path_rate=drop_path_rate)
+        self.stem = model.stem
+        self.stages = model.stages
+        # model.head (final norm + classifier) is deliberately not kept.
+        dims = CONVNEXTV2_ARCHS[arch][1]
+        self.out_channels = [dims[i] for i in self.out_indices]
+
+        self.out_norm = out_norm
+        if out_norm:
+            for i in self.out_indices:
+                self.add_module(f'norm{i}', LayerNorm2d(dims[i], eps=1e-6))
+        self._freeze_stages()
+
+    def _freeze_stages(self) -> None:
+        """Stop gradients through the stem and the first stages (no BN, so no eval mode)."""
+        if self.frozen_stages < 0:
+            return
+        modules = [self.stem] + [self.stages[i] for i in range(self.frozen_stages + 1)]
+        for m in modules:
+            for p in m.parameters():
+                p.requires_grad = False
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """Return the feature maps of ``out_indices`` as a tuple of NCHW tensors."""
+        x = self.stem(x)
+        outs = []
+        for i, stage in enumerate(self.stages):
+            if self.with_cp and self.training and torch.is_grad_enabled():
+                x = stage.downsample(x)
+                for block in stage.blocks:
+                    x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = stage(x)
+            if i in self.out_indices:
+                outs.append(getattr(self, f'norm{i}')(x) if self.out_norm else x)
+        return tuple(outs)
+
+    # ------------------------------------------------------------------ pretrained weights
+    def init_weights(self) -> None:
+        """Apply init_cfg; a 'Pretrained' entry loads a local file via ``load_pretrained``.
+
+        mmengine's own PretrainedInit is bypassed: it loads the file's keys as they are, would
+        download URLs, and cannot convert the official ConvNeXt-V2 layouts.
+        """
+        init_weights_from_cfg(self)
+
+    def load_pretrained(self, checkpoint: str,
+                        prefix: Optional[str] = None) -> Tuple[List[str], List[str]]:
+        """Load a local checkpoint in timm or official layout; return (missing, unexpected)."""
+        sd = select_prefix(read_state_dict(checkpoint), prefix)
+        sd = self.convert_state_dict(sd)
+        return load_by_keys(self, sd, f'ConvNeXtV2-{self.arch} <- {checkpoint}',
+                            expected_missing=[f'norm{i}.' for i in self.out_indices])
+
+    def convert_state_dict(self, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Bring a checkpoint of any supported layout to this module's (timm) key names."""
+        if _is_sparse_fcmae(sd):
+            sd = _sparse_fcmae_to_dense(sd)
+        if _is_official_layout(sd):
+            sd = self._official_to_timm(sd)
+        return {k: v for k, v in sd.items() if not k.startswith(_DROP_PREFIXES)}
+
+    def _official_to_timm(self, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Official (facebookresearch/ConvNeXt-V2) names -> timm names via timm's own filter.
+
+        The filter is applied one key at a time: it looks up each 2-D tensor's target shape in
+        ``model.state_dict()`` and raises KeyError for a key the model lacks; such keys are
+        kept under their original name so they are reported as unexpected instead.
+        """
+        out = {}
+        for k, v in sd.items():
+            try:
+                out.update(checkpoint_filter_fn({k: v}, self))
+            except KeyError:
+                out[k] = v
+        return out
+
+
+def _is_official_layout(sd: Dict[str, torch.Tensor]) -> bool:
+    return any(k.startswith('downsample_layers.') or re.match(r'stages\.\d+\.\d+\.', k)
+               for k in sd)
+
+
+def _is_sparse_fcmae(sd: Dict[str, torch.Tensor]) -> bool:
+    return any(k.startswith('encoder.') or k.endswith('.kernel') for k in sd)
+
+
+def _sparse_fcmae_to_dense(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """FCMAE pre-training checkpoint (MinkowskiEngine encoder) -> official dense layout.
+
+    Hand-written because timm's ``checkpoint_filter_fn`` only knows the dense fine-tuning
+    layout. It follows the official ``remap_checkpoint_keys``: keep the ``encoder.`` part
+    (decoder/mask token are pre-training only), turn Minkowski ``kernel`` tensors into conv
+    weights, drop the ``ln``/``linear`` wrapper level, make (1, C) biases 1-D and GRN params
+    (1, 1, 1, C).
+    """
+    if any(k.startswith('encoder.') for k in sd):
+        dropped = [k for k in sd if not k.startswith('encoder.')]
+        if dropped:
+            print_log(f'FCMAE checkpoint: ignoring {len(dropped)} pre-training-only tensors '
+                      f'(decoder, mask token, ...): {", ".join(dropped[:8])}', logger='current')
+        sd = {k[len('encoder.'):]: v for k, v in sd.items() if k.startswith('encoder.')}
+    out = {}
+    for k, v in sd.items():
+        if k.endswith('.kernel'):
+            k = k[:-len('.kernel')] + '.weight'
+            ks = int(math.isqrt(v.shape[0]))
+            if v.dim() == 3:  # (k*k, in, out) dense conv
+                _, cin, cout = v.shape
+                v = v.permute(2, 1, 0).reshape(cout, cin, ks, ks).transpose(3, 2)
+            else:  # (k*k, C) depthwise conv
+                v = v.permute(1, 0).reshape(v.shape[1], 1, ks, ks).transpose(3, 2)
+            out[k] = v.contiguous()
+            continue
+        parts = [p for p in k.split('.') if p not in ('ln', 'linear')]
+        k = '.'.join(parts)
+        if 'grn' in k:
+            v = v.reshape(1, 1, 1, -1)
+        elif k.endswith('bias') and v.dim() != 1:
+            v = v.reshape(-1)
+        out[k] = v
+    return out

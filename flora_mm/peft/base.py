@@ -1,0 +1,352 @@
+"""The one mechanism every PEFT method shares.
+
+A method is a small config class (validated on creation) registered in ``PEFT_METHODS``; methods
+that add tensors also define an :class:`AdapterLayer` subclass. ``PEFTMethod.inject`` selects the
+target layers, replaces each by its adapter layer, freezes the module and marks the method's own
+tensors trainable.
+
+Adapter layers keep the base layer's parameters under the SAME names (``weight``, ``bias``) and
+add their tensors beside them, so plain checkpoints load into an injected model unchanged and a
+merged model saves back to plain keys once the adapter keys are dropped.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Iterator
+
+import torch
+import torch.nn.functional as F
+from mmengine.logging import print_log
+from torch import nn
+from torch.func import functional_call
+
+# Layer kinds a config may name in ``targets.types``; subclasses (mmcv/mmengine wrappers, timm's
+# same-padding convs) match through isinstance.
+LAYER_KINDS: dict[str, type[nn.Module]] = {
+    'Linear': nn.Linear,
+    'Conv1d': nn.Conv1d,
+    'Conv2d': nn.Conv2d,
+    'Conv3d': nn.Conv3d,
+}
+
+# attribute names stored on the module an adapter method was injected into
+METHOD_ATTR = '_flora_mm_peft_method'
+TRAINABLE_ATTR = '_flora_mm_peft_trainable'
+
+
+class PEFTConfigError(ValueError):
+    """A PEFT config that cannot be applied; the message names the offending field."""
+
+
+def _check_regex_list(value: Any, what: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise PEFTConfigError(f'{what} must be a regex string or a list of them, got {value!r}')
+    for pattern in value:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise PEFTConfigError(f'{what}: invalid regex {pattern!r}: {err}') from err
+    return list(value)
+
+
+@dataclass
+class TargetSpec:
+    """Which layers a method adapts: layer kinds, then name regexes (``re.search``)."""
+
+    types: list[str] = field(default_factory=lambda: list(LAYER_KINDS))
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.types, str):
+            self.types = [self.types]
+        unknown = [t for t in self.types if t not in LAYER_KINDS]
+        if unknown:
+            raise PEFTConfigError(
+                f'targets.types: unsupported layer kind(s) {unknown}; supported: {list(LAYER_KINDS)}')
+        if not self.types:
+            raise PEFTConfigError('targets.types must name at least one layer kind')
+        self.include = _check_regex_list(self.include, 'targets.include')
+        self.exclude = _check_regex_list(self.exclude, 'targets.exclude')
+
+    def matches(self, name: str, module: nn.Module) -> bool:
+        if not isinstance(module, tuple(LAYER_KINDS[t] for t in self.types)):
+            return False
+        if self.include and not any(re.search(p, name) for p in self.include):
+            return False
+        return not any(re.search(p, name) for p in self.exclude)
+
+
+def layer_kind(module: nn.Module) -> str:
+    for kind, cls in LAYER_KINDS.items():
+        if isinstance(module, cls):
+            return kind
+    raise PEFTConfigError(
+        f'cannot adapt a {type(module).__name__}: supported layer kinds are {list(LAYER_KINDS)}')
+
+
+class AdapterLayer(nn.Module):
+    """Base of all adapter layers: runs the base layer's op with an adapted weight.
+
+    The base module is kept as a plain (unregistered) attribute so that the state-dict keys stay
+    those of the plain layer; its parameters are re-registered here under the same names.
+    Subclasses implement ``delta_weight()`` and may provide ``linear_branch()`` for a factored
+    linear path that never builds an out x in matrix.
+    """
+
+    #: prefixes of the tensors this layer adds (trainable, saved in adapter checkpoints)
+    adapter_prefixes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, base: nn.Module, dropout: float = 0.0) -> None:
+        super().__init__()
+        if isinstance(base, AdapterLayer):
+            raise PEFTConfigError('layer already carries an adapter; inject only once')
+        self.kind = layer_kind(base)
+        object.__setattr__(self, 'base_layer', base)
+        for name, param in base.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        for name, buf in base.named_buffers(recurse=False):
+            self.register_buffer(name, buf)
+        if 'bias' not in self._parameters:
+            self.register_parameter('bias', None)
+        # Plain nn.Linear / nn.ConvNd run their functional op directly; subclasses that override
+        # forward (same-padding convs, mmcv wrappers) are called with the weight swapped in.
+        base_cls = LAYER_KINDS[self.kind]
+        self._direct = type(base).forward is base_cls.forward
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    # -- helpers ------------------------------------------------------------------------------
+    @property
+    def groups(self) -> int:
+        return getattr(self.base_layer, 'groups', 1)
+
+    @property
+    def weight_shape(self) -> torch.Size:
+        return self.weight.shape
+
+    def adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for name, param in self.named_parameters():
+            if name.startswith(self.adapter_prefixes):
+                yield name, param
+
+    def base_op(self, x: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+        """The base layer's own computation with the given weight (stride, padding, padding_mode,
+        dilation and groups are the base layer's)."""
+        if self._direct:
+            if self.kind == 'Linear':
+                return F.linear(x, weight, bias)
+            return self.base_layer._conv_forward(x, weight, bias)
+        params = {'weight': weight}
+        if bias is not None:
+            params['bias'] = bias
+        return functional_call(self.base_layer, params, (x,))
+
+    def _cast_like(self, delta: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        return delta if delta.dtype == ref.dtype else delta.to(ref.dtype)
+
+    # -- method hooks -------------------------------------------------------------------------
+    def delta_weight(self) -> torch.Tensor:
+        """The scaled update, in the base weight's shape and the adapter's dtype."""
+        raise NotImplementedError
+
+    def linear_branch(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Factored update applied to an input (linear layers); None if the method has none."""
+        return None
+
+    def adapted_weight(self) -> torch.Tensor:
+        """W0 + delta, summed in the adapter's precision, in the base weight's dtype."""
+        w0 = self.weight
+        delta = self.delta_weight()
+        if delta.dtype == w0.dtype:
+            return w0 + delta
+        return (w0.to(delta.dtype) + delta).to(w0.dtype)
+
+    def reset_from_base(self) -> None:
+        """Re-derive any adapter state that depends on W0 (after W0 was loaded)."""
+
+    # -- forward / merge ----------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_op(x, self.weight, self.bias)
+        if self.kind == 'Linear':
+            branch = self.linear_branch(self.dropout(x) if self.training else x)
+            if branch is not None:
+                return self.base_op(x, self.weight, self.bias) + self._cast_like(branch, x)
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            # dropout acts on the update's input only: this costs a second op with the update
+            delta = self.delta_weight()
+            return (self.base_op(x, self.weight, self.bias)
+                    + self.base_op(self.dropout(x), self._cast_like(delta, self.weight), None))
+        return self.base_op(x, self.adapted_weight(), self.bias)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into ``weight`` (computed in fp32); merging twice is a no-op."""
+        if self.merged:
+            return
+        self.weight.copy_(self._merged_weight().to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        self.weight.copy_(self._unmerged_weight().to(self.weight.dtype))
+        self.merged = False
+
+    def _merged_weight(self) -> torch.Tensor:
+        return self.weight.float() + self.delta_weight().float()
+
+    def _unmerged_weight(self) -> torch.Tensor:
+        return self.weight.float() - self.delta_weight().float()
+
+    def extra_repr(self) -> str:
+        return f'base={type(self.base_layer).__name__}{tuple(self.weight.shape)}, merged={self.merged}'
+
+
+@dataclass
+class PEFTMethod:
+    """Config + behaviour of one PEFT method. Subclasses are dataclasses registered in
+    ``PEFT_METHODS``; ``__post_init__`` validates every field so a bad config fails at build."""
+
+    targets: dict | TargetSpec = field(default_factory=dict)
+    overrides: list = field(default_factory=list)
+
+    #: adapter layer class, or None for methods that only (un)freeze existing tensors
+    layer_cls: ClassVar[type[AdapterLayer] | None] = None
+    #: the fields a layer is built from (and that ``overrides`` may change per layer)
+    layer_fields: ClassVar[tuple[str, ...]] = ()
+    #: whether ``targets`` selects layers at all (Full / Frozen act on the whole module)
+    uses_targets: ClassVar[bool] = True
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, dict):
+            unknown = set(self.targets) - {f.name for f in fields(TargetSpec)}
+            if unknown:
+                raise PEFTConfigError(f'targets: unknown key(s) {sorted(unknown)}; '
+                                      f'use types, include, exclude')
+            self.targets = TargetSpec(**self.targets)
+        elif not isinstance(self.targets, TargetSpec):
+            raise PEFTConfigError(f'targets must be a dict, got {type(self.targets).__name__}')
+        if not isinstance(self.overrides, (list, tuple)):
+            raise PEFTConfigError('overrides must be a list of dict(pattern=regex, <field>=...)')
+        checked = []
+        for ov in self.overrides:
+            if not isinstance(ov, dict) or 'pattern' not in ov:
+                raise PEFTConfigError(f'each override needs a "pattern" regex, got {ov!r}')
+            _check_regex_list(ov['pattern'], 'overrides.pattern')
+            bad = set(ov) - {'pattern', *self.layer_fields}
+            if bad:
+                raise PEFTConfigError(f'override {ov!r}: {self.name} has no per-layer field(s) '
+                                      f'{sorted(bad)}; allowed: {list(self.layer_fields)}')
+            self.validate_layer_cfg({**self.layer_cfg_defaults(), **ov}, where=f'override {ov!r}')
+            checked.append(dict(ov))
+        self.overrides = checked
+        self.validate_layer_cfg(self.layer_cfg_defaults(), where=self.name)
+
+    # -- per-layer configuration --------------------------------------------------------------
+    def layer_cfg_defaults(self) -> dict:
+        return {k: getattr(self, k) for k in self.layer_fields}
+
+    def layer_cfg(self, name: str) -> dict:
+        cfg = self.layer_cfg_defaults()
+        for ov in self.overrides:  # later overrides win
+            if re.search(ov['pattern'], name):
+                cfg.update({k: v for k, v in ov.items() if k != 'pattern'})
+        return cfg
+
+    def validate_layer_cfg(self, cfg: dict, where: str) -> None:
+        """Raise PEFTConfigError for values no layer could use."""
+        dropout = cfg.get('dropout', 0.0)
+        if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise PEFTConfigError(f'{where}: dropout must be in [0, 1), got {dropout!r}')
+
+    # -- injection ----------------------------------------------------------------------------
+    def select(self, module: nn.Module) -> list[tuple[str, nn.Module]]:
+        assert isinstance(self.targets, TargetSpec)
+        return [(n, m) for n, m in module.named_modules()
+                if n and not isinstance(m, AdapterLayer) and self.targets.matches(n, m)]
+
+    def inject(self, module: nn.Module) -> list[str]:
+        """Adapt ``module`` in place and freeze it per the method; returns adapted layer names."""
+        if getattr(module, METHOD_ATTR, None) is not None:
+            raise PEFTConfigError(
+                f'{type(module).__name__} already has {getattr(module, METHOD_ATTR).name} '
+                'adapters; inject one method per module')
+        selected = self.select(module) if self.uses_targets else []
+        if self.uses_targets and not selected:
+            raise PEFTConfigError(
+                f'{self.name}: targets {self.targets} match no layer of {type(module).__name__}')
+        layer_names = []
+        if self.layer_cls is not None:
+            clamps: list[str] = []
+            for name, layer in selected:
+                adapter = self.build_layer(name, layer, clamps)
+                _set_submodule(module, name, adapter)
+                layer_names.append(name)
+            if clamps:
+                print_log(f'{self.name}: rank clamped to the mode size in {len(clamps)} layer(s) '
+                          f'(e.g. {"; ".join(clamps[:3])})', logger='current')
+        else:
+            layer_names = [n for n, _ in selected]
+        for param in module.parameters():
+            param.requires_grad_(False)
+        trainable = self.trainable_parameter_names(module, layer_names)
+        params = dict(module.named_parameters())
+        for pname in trainable:
+            params[pname].requires_grad_(True)
+        module.__dict__[METHOD_ATTR] = self
+        module.__dict__[TRAINABLE_ATTR] = list(trainable)
+        return layer_names
+
+    def build_layer(self, name: str, layer: nn.Module, clamps: list[str]) -> AdapterLayer:
+        cfg = self.layer_cfg(name)
+        assert self.layer_cls is not None
+        adapter = self.layer_cls(layer, **cfg)
+        for mode, asked, got in getattr(adapter, 'clamped', []):
+            clamps.append(f'{name} mode {mode}: {asked}->{got}')
+        return adapter
+
+    def trainable_parameter_names(self, module: nn.Module, layer_names: list[str]) -> list[str]:
+        names = []
+        for lname in layer_names:
+            layer = module.get_submodule(lname)
+            names += [f'{lname}.{p}' for p, _ in layer.adapter_parameters()]
+        return names
+
+    def to_dict(self) -> dict:
+        out = {'type': self.name}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, TargetSpec):
+                value = dict(types=value.types, include=value.include, exclude=value.exclude)
+            out[f.name] = value
+        return out
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition('.')
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def check_positive_int(value: Any, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PEFTConfigError(f'{what} must be an integer >= 1, got {value!r}')
+
+
+def kaiming_uniform_(tensor: torch.Tensor) -> None:
+    """peft's LoRA-A init (kaiming uniform, a=sqrt(5)) for any 2-D tensor."""
+    nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))

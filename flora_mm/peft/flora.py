@@ -1,0 +1,120 @@
+"""FLoRA: Tucker-factored low-rank adapters that keep the weight's own shape (paper §4).
+
+For a weight of shape (I_1, ..., I_N) — (out, in/groups, k_1, ..., k_d) for a conv, (out, in) for a
+linear — the update is ``s * G x_1 U_1 x_2 ... x_N U_N`` with a core G of shape (J_1, ..., J_N) and
+one factor U_n of shape (I_n, J_n) per mode. For grouped/depthwise convs the input mode is
+in_channels // groups (1 for depthwise), so the update always has the base weight's shape and
+merges exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
+
+import torch
+from torch import nn
+
+from ..registry import PEFT_METHODS
+from .base import AdapterLayer, PEFTConfigError, PEFTMethod, check_positive_int
+
+
+def _mode_product(tensor: torch.Tensor, matrix: torch.Tensor, mode: int) -> torch.Tensor:
+    """n-mode product: contract ``tensor``'s ``mode`` with ``matrix``'s columns (I_n x J_n)."""
+    moved = tensor.movedim(mode, -1)                 # (..., J_n)
+    return (moved @ matrix.transpose(0, 1)).movedim(-1, mode)  # (..., I_n) -> back in place
+
+
+class FLoRALayer(AdapterLayer):
+    """FLoRA adapter on a Linear or Conv{1,2,3}d layer.
+
+    Conv: one convolution with W0 + s*dW (dW is built from the small factors each forward).
+    Linear: x -> (in -> r_2) -> core (r_2 -> r_1) -> (r_1 -> out); no out x in matrix is built.
+    """
+
+    adapter_prefixes = ('flora_core', 'flora_factors')
+
+    def __init__(self, base: nn.Module, rank: int = 16, kernel_rank: int = 2,
+                 ranks: Sequence[int] | None = None, scale: float = 1.0, dropout: float = 0.0,
+                 init_std: float | None = None) -> None:
+        super().__init__(base, dropout=dropout)
+        shape = tuple(self.weight.shape)
+        if ranks is None:
+            ranks = [rank, rank] + [kernel_rank] * (len(shape) - 2)
+        elif len(ranks) != len(shape):
+            raise PEFTConfigError(
+                f'ranks={list(ranks)} has {len(ranks)} entries but the {self.kind} weight '
+                f'{shape} has {len(shape)} modes (out, in/groups, kernel...)')
+        self.ranks = [min(int(r), size) for r, size in zip(ranks, shape)]
+        self.clamped = [(m, int(r), size) for m, (r, size) in enumerate(zip(ranks, shape))
+                        if int(r) > size]
+        self.scale = float(scale)
+        dev = self.weight.device
+        # adapters stay fp32 even on a bf16/fp16 backbone
+        self.flora_core = nn.Parameter(torch.zeros(self.ranks, device=dev, dtype=torch.float32))
+        self.flora_factors = nn.ParameterList(
+            nn.Parameter(torch.empty(size, r, device=dev, dtype=torch.float32))
+            for size, r in zip(shape, self.ranks))
+        self.init_std = init_std
+        self.reset_adapter()
+
+    @torch.no_grad()
+    def reset_adapter(self) -> None:
+        """G = 0 (so injection changes no output), factors Gaussian.
+
+        Default std is 1/sqrt(I_n): each factor column then has about unit norm, so
+        ||dW||_F ~ s * ||G||_F and one ``scale`` means the same across layer sizes.
+        """
+        self.flora_core.zero_()
+        for factor in self.flora_factors:
+            std = self.init_std if self.init_std is not None else factor.shape[0] ** -0.5
+            factor.normal_(0.0, std)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scale * tucker_product(self.flora_core, list(self.flora_factors))
+
+    def linear_branch(self, x: torch.Tensor) -> torch.Tensor:
+        out_factor, in_factor = self.flora_factors  # (out, r1), (in, r2)
+        h = x.to(in_factor.dtype) @ in_factor          # (..., r2)
+        h = h @ self.flora_core.transpose(0, 1)         # (..., r1)
+        return self.scale * (h @ out_factor.transpose(0, 1))
+
+
+def tucker_product(core: torch.Tensor, factors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """G x_1 U_1 x_2 ... x_N U_N, one mode at a time: with the channel modes first, the
+    intermediates stay small until the last (spatial) products."""
+    out = core
+    for mode, factor in enumerate(factors):
+        out = _mode_product(out, factor, mode)
+    return out
+
+
+@PEFT_METHODS.register_module()
+@dataclass
+class FLoRA(PEFTMethod):
+    """``rank`` for the two channel modes (r1 = r2, as in the paper), ``kernel_rank`` for every
+    spatial mode, or ``ranks`` listing every mode explicitly; ``scale`` is the paper's s."""
+
+    rank: int = 16
+    kernel_rank: int = 2
+    ranks: list | None = None
+    scale: float = 1.0
+    dropout: float = 0.0
+    init_std: float | None = None
+
+    layer_cls: ClassVar = FLoRALayer
+    layer_fields: ClassVar = ('rank', 'kernel_rank', 'ranks', 'scale', 'dropout', 'init_std')
+
+    def validate_layer_cfg(self, cfg: dict, where: str) -> None:
+        super().validate_layer_cfg(cfg, where)
+        check_positive_int(cfg['rank'], f'{where}: rank')
+        check_positive_int(cfg['kernel_rank'], f'{where}: kernel_rank')
+        if cfg['ranks'] is not None:
+            if not isinstance(cfg['ranks'], (list, tuple)) or not cfg['ranks']:
+                raise PEFTConfigError(f'{where}: ranks must be a list with one rank per mode')
+            for r in cfg['ranks']:
+                check_positive_int(r, f'{where}: each of ranks')
+        if not isinstance(cfg['scale'], (int, float)):
+            raise PEFTConfigError(f'{where}: scale must be a number, got {cfg["scale"]!r}')
+        std = cfg['init_std']
+        if std is not None and (not isinstance(std, (int, float)) or std <= 0):
+            raise PEFTConfigError(f'{where}: init_std must be > 0 or None, got {std!r}')

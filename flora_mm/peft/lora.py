@@ -1,0 +1,75 @@
+"""LoRA (Hu et al. 2021; FLoRA paper eq. 1-3) on the same mechanism as FLoRA.
+
+Linear: ``dW = (alpha / r) * B A`` with A (r x in), B (out x r), run as the factored path.
+Conv: the same matrix over the flattened weight (out x (in/groups)*k*...) reshaped to the weight's
+shape (paper eq. 3), one convolution with W0 + dW. Because the input side is in/groups, grouped
+and depthwise convs are adapted and merge exactly (peft's conv LoRA cannot merge them).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..registry import PEFT_METHODS
+from .base import AdapterLayer, PEFTConfigError, PEFTMethod, check_positive_int, kaiming_uniform_
+
+
+class LoRALayer(AdapterLayer):
+    adapter_prefixes = ('lora_A', 'lora_B')
+
+    def __init__(self, base: nn.Module, rank: int = 8, alpha: float | None = None,
+                 dropout: float = 0.0) -> None:
+        super().__init__(base, dropout=dropout)
+        shape = self.weight.shape
+        fan_in = math.prod(shape[1:])  # (in/groups) * kernel volume
+        self.rank = int(rank)
+        self.scaling = (float(alpha) if alpha is not None else float(rank)) / self.rank
+        dev = self.weight.device
+        self.lora_A = nn.Parameter(torch.empty(self.rank, fan_in, device=dev, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.empty(shape[0], self.rank, device=dev,
+                                               dtype=torch.float32))
+        self.reset_adapter()
+
+    @torch.no_grad()
+    def reset_adapter(self) -> None:
+        """peft's init: A kaiming-uniform, B = 0, so injection changes no output."""
+        kaiming_uniform_(self.lora_A)
+        self.lora_B.zero_()
+
+    def lora_matrix(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A).view(self.weight.shape)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scaling * self.lora_matrix()
+
+    def linear_branch(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.to(self.lora_A.dtype) @ self.lora_A.transpose(0, 1)
+        return self.scaling * (h @ self.lora_B.transpose(0, 1))
+
+
+@dataclass
+class _LowRankMatrixMethod(PEFTMethod):
+    rank: int = 8
+    alpha: float | None = None
+    dropout: float = 0.0
+
+    layer_fields: ClassVar = ('rank', 'alpha', 'dropout')
+
+    def validate_layer_cfg(self, cfg: dict, where: str) -> None:
+        super().validate_layer_cfg(cfg, where)
+        check_positive_int(cfg['rank'], f'{where}: rank')
+        alpha = cfg['alpha']
+        if alpha is not None and (not isinstance(alpha, (int, float)) or alpha <= 0):
+            raise PEFTConfigError(f'{where}: alpha must be > 0 or None (= rank), got {alpha!r}')
+
+
+@PEFT_METHODS.register_module()
+@dataclass
+class LoRA(_LowRankMatrixMethod):
+    """``rank`` r, ``alpha`` (scaling alpha / r as in peft; None means alpha = r)."""
+
+    layer_cls: ClassVar = LoRALayer
