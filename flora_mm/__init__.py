@@ -6,20 +6,17 @@ module, which is what a config's
 """
 from . import compat  # noqa: F401  (must run before any OpenMMLab import)
 from .registry import HOOKS, MODELS, PEFT_METHODS  # noqa: E402
-from . import peft  # noqa: E402,F401
+from . import engine, models, peft  # noqa: E402,F401  (registration on import)
 
 __version__ = '0.1.0'
 
 
 def register_all_modules() -> None:
-    """Import every flora_mm module that registers something (idempotent)."""
+    """Register flora_mm's modules. Importing flora_mm already does; kept for the OpenMMLab
+    convention (``mmdet.utils.register_all_modules``) and explicit call sites."""
     import importlib
     for name in ('flora_mm.peft', 'flora_mm.models', 'flora_mm.engine'):
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name != name:
-                raise
+        importlib.import_module(name)
 
 
-__all__ = ['HOOKS', 'MODELS', 'PEFT_METHODS', 'register_all_modules', 'peft']
+__all__ = ['HOOKS', 'MODELS', 'PEFT_METHODS', 'register_all_modules', 'peft', 'models', 'engine']

@@ -2,16 +2,37 @@
 
 Imported by ``flora_mm/__init__.py`` before any OpenMMLab package, so that a config's
 ``custom_imports=['flora_mm']`` or ``import flora_mm`` is enough. Nothing here edits an installed
-package; each shim only adds what the old package expects to find.
+package: each shim only adds what the old package expects to find, or uses the package's own
+extension points.
+
+1. mmrotate 1.0.0rc1 does ``from collections import Sequence`` (removed in Python 3.10): the
+   ``collections.abc`` names are aliased into ``collections``.
+2. mmengine 0.10.7 calls ``torch.load(path)``; since torch 2.6 that means ``weights_only=True``,
+   which refuses mmengine's own checkpoints (they carry message-hub state and numpy metadata),
+   so ``--resume`` and ``load_from`` fail. mmengine's local-file loader is re-registered through
+   its ``CheckpointLoader.register_scheme`` hook with the pre-2.6 behaviour (``weights_only=False``)
+   — as before torch 2.6, load only checkpoints you trust.
 """
 import collections
 import collections.abc
+import os.path as osp
 
-# mmrotate 1.0.0rc1 does ``from collections import Sequence`` (removed in Python 3.10).
 for _name in ('Sequence', 'Mapping', 'MutableMapping', 'Iterable', 'Callable'):
     if not hasattr(collections, _name):
         setattr(collections, _name, getattr(collections.abc, _name))
 
 
-def apply() -> None:
-    """Idempotent hook for callers that want to be explicit; the shims apply on import."""
+def _register_local_checkpoint_loader() -> None:
+    import torch
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    def load_from_local(filename, map_location):  # name matters: mmengine logs name[10:]
+        filename = osp.expanduser(filename)
+        if not osp.isfile(filename):
+            raise FileNotFoundError(f'{filename} can not be found.')
+        return torch.load(filename, map_location=map_location, weights_only=False)
+
+    CheckpointLoader.register_scheme(prefixes='', loader=load_from_local, force=True)
+
+
+_register_local_checkpoint_loader()

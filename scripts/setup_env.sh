@@ -78,9 +78,8 @@ chmod +x "$wrap"
 PATH="$env_dir/bin:$PATH" CXX="$wrap" MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
   pipi --no-build-isolation --no-binary mmcv "$(pin mmcv)"
 
-# 3. the rest, then flora_mm in editable mode. The constraint keeps pip from replacing the
-#    torch/mmcv just installed.
-pipi -q -r requirements.txt -r requirements-test.txt -c requirements-build.txt
+# 3. the rest, then flora_mm in editable mode (torch and mmcv are already satisfied).
+pipi -q -r requirements.txt -r requirements-test.txt
 pipi -q --no-deps --no-build-isolation -e "$root"
 
 # 4. fail loudly unless the compiled ops and every OpenMMLab package import

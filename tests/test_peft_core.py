@@ -428,3 +428,19 @@ def test_dropout_path_matches_definition(method):
     model.eval()  # no dropout at eval: the single-op path
     torch.testing.assert_close(model(x), plain_reference(
         layer, (adapted.weight + adapted.delta_weight()).detach())(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('method', list(METHODS))
+def test_modules_to_save_train_fully_and_are_saved(method):
+    model = nn.Sequential()
+    model.add_module('body', nn.Conv2d(3, 4, 3))
+    model.add_module('new_head', nn.Sequential(nn.Conv2d(4, 4, 1), nn.GroupNorm(2, 4)))
+    cfg = dict(METHODS[method], modules_to_save=[r'^new_head$'])
+    names = inject_adapters(model, cfg)
+    assert not any(n.startswith('new_head') for n in names)  # not adapted, trained as a whole
+    saved = {f'new_head.{n}' for n, _ in model.new_head.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert saved <= trainable
+    assert saved <= set(adapter_state_dict(model))
+    with pytest.raises(PEFTConfigError, match='modules_to_save'):
+        inject_adapters(nn.Sequential(nn.Linear(2, 2)), dict(type='LoRA', modules_to_save=['zz']))

@@ -219,6 +219,9 @@ class PEFTMethod:
 
     targets: dict | TargetSpec = field(default_factory=dict)
     overrides: list = field(default_factory=list)
+    #: regexes of submodules that train fully under any method (as in HF peft): layers the
+    #: pretrained checkpoint does not have, e.g. InternViT's simple FPN or output norms
+    modules_to_save: list = field(default_factory=list)
 
     #: adapter layer class, or None for methods that only (un)freeze existing tensors
     layer_cls: ClassVar[type[AdapterLayer] | None] = None
@@ -254,6 +257,7 @@ class PEFTMethod:
             self.validate_layer_cfg({**self.layer_cfg_defaults(), **ov}, where=f'override {ov!r}')
             checked.append(dict(ov))
         self.overrides = checked
+        self.modules_to_save = _check_regex_list(self.modules_to_save, 'modules_to_save')
         self.validate_layer_cfg(self.layer_cfg_defaults(), where=self.name)
 
     # -- per-layer configuration --------------------------------------------------------------
@@ -275,9 +279,22 @@ class PEFTMethod:
 
     # -- injection ----------------------------------------------------------------------------
     def select(self, module: nn.Module) -> list[tuple[str, nn.Module]]:
+        """Target layers, leaving out those inside ``modules_to_save`` (they train fully)."""
         assert isinstance(self.targets, TargetSpec)
+        saved = self.saved_module_names(module)
         return [(n, m) for n, m in module.named_modules()
-                if n and not isinstance(m, AdapterLayer) and self.targets.matches(n, m)]
+                if n and not isinstance(m, AdapterLayer) and self.targets.matches(n, m)
+                and not any(n == s or n.startswith(s + '.') for s in saved)]
+
+    def saved_module_names(self, module: nn.Module) -> list[str]:
+        names = []
+        for pattern in self.modules_to_save:
+            matched = [n for n, _ in module.named_modules() if n and re.search(pattern, n)]
+            if not matched:
+                raise PEFTConfigError(f'modules_to_save: {pattern!r} matches no submodule of '
+                                      f'{type(module).__name__}')
+            names += matched
+        return list(dict.fromkeys(names))
 
     def inject(self, module: nn.Module) -> list[str]:
         """Adapt ``module`` in place and freeze it per the method; returns adapted layer names."""
@@ -285,6 +302,7 @@ class PEFTMethod:
             raise PEFTConfigError(
                 f'{type(module).__name__} already has {getattr(module, METHOD_ATTR).name} '
                 'adapters; inject one method per module')
+        self.saved_module_names(module)  # fail before changing anything
         selected = self.select(module) if self.uses_targets else []
         if self.uses_targets and not selected:
             raise PEFTConfigError(
@@ -304,12 +322,19 @@ class PEFTMethod:
         for param in module.parameters():
             param.requires_grad_(False)
         trainable = self.trainable_parameter_names(module, layer_names)
+        trainable += [n for n in self.saved_module_parameter_names(module) if n not in trainable]
         params = dict(module.named_parameters())
         for pname in trainable:
             params[pname].requires_grad_(True)
         module.__dict__[METHOD_ATTR] = self
         module.__dict__[TRAINABLE_ATTR] = list(trainable)
         return layer_names
+
+    def saved_module_parameter_names(self, module: nn.Module) -> list[str]:
+        names = []
+        for mname in self.saved_module_names(module):
+            names += [f'{mname}.{p}' for p, _ in module.get_submodule(mname).named_parameters()]
+        return list(dict.fromkeys(names))
 
     def build_layer(self, name: str, layer: nn.Module, clamps: list[str]) -> AdapterLayer:
         cfg = self.layer_cfg(name)

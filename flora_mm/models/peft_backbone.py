@@ -1,0 +1,63 @@
+"""``PEFTBackbone``: any registered backbone, pretrained, with a PEFT method injected.
+
+It is a builder, not a wrapper class: it returns the inner backbone object itself with its layers
+adapted, so the model's state-dict keys under ``backbone.`` are exactly the plain backbone's (plus
+the adapter tensors beside them). Key mapping, for the record:
+
+    plain checkpoint                      injected model
+    backbone.<path>.weight / .bias   ->   backbone.<path>.weight / .bias   (unchanged)
+    (none)                                backbone.<path>.flora_core, .flora_factors.N,
+                                          .lora_A, .lora_B, .dora_magnitude (adapter tensors)
+
+So plain checkpoints load unchanged, and a merged model saves back to plain keys by dropping the
+adapter tensors (``flora_mm.peft.remove_adapters``).
+
+Order matters for mmengine: the Runner builds the model (here: build, load pretrained, inject,
+freeze) before it wraps it in DDP and before ``train()`` builds the optimizer, so both see the
+adapter tensors. ``init_weights()`` has already run, so the Runner's later ``init_weights`` call
+skips the backbone; if it does load pretrained weights later (``load_pretrained=False``), the
+adapters re-derive what depends on W0 (DoRA's magnitude) right after.
+"""
+from __future__ import annotations
+
+import types
+
+from mmengine.logging import print_log
+from torch import nn
+
+from ..peft import build_peft_method, count_parameters, reset_adapters_from_base
+from ..registry import MODELS
+
+
+def _init_then_reset(self: nn.Module) -> None:
+    type(self).init_weights(self)
+    reset_adapters_from_base(self)
+
+
+@MODELS.register_module(name='PEFTBackbone')
+def build_peft_backbone(backbone: dict, peft: dict, load_pretrained: bool = True,
+                        modules_to_save: list[str] | None = None) -> nn.Module:
+    """``backbone=dict(type='PEFTBackbone', backbone=dict(type=...), peft=dict(type=...))``.
+
+    ``load_pretrained``: run the inner backbone's ``init_weights()`` (its ``init_cfg``, e.g.
+    ``dict(type='Pretrained', checkpoint=...)``) before injecting. Test-time tools turn it off:
+    the checkpoint under test provides every weight.
+    ``modules_to_save``: regexes of backbone parts that the pretrained checkpoint lacks (output
+    norms, InternViT's simple FPN); they train fully under every method, added to the method's
+    own ``modules_to_save``. Set once in a model base config, so leaf configs differ in ``peft``
+    only.
+    """
+    if modules_to_save:
+        peft = dict(peft, modules_to_save=list(peft.get('modules_to_save', [])) + list(modules_to_save))
+    method = build_peft_method(peft)  # validate before building anything large
+    inner = MODELS.build(backbone)
+    if load_pretrained and hasattr(inner, 'init_weights'):
+        inner.init_weights()
+    names = method.inject(inner)
+    if hasattr(inner, 'init_weights'):
+        inner.init_weights = types.MethodType(_init_then_reset, inner)
+    counts = count_parameters(inner)
+    print_log(f'PEFTBackbone: {method.name} on {type(inner).__name__}: {len(names)} layers '
+              f'adapted, {counts["trainable"]:,} of {counts["total"]:,} backbone parameters '
+              'trainable', logger='current')
+    return inner
