@@ -12,10 +12,15 @@ extension points.
    so ``--resume`` and ``load_from`` fail. mmengine's local-file loader is re-registered through
    its ``CheckpointLoader.register_scheme`` hook with the pre-2.6 behaviour (``weights_only=False``)
    — as before torch 2.6, load only checkpoints you trust.
+3. mmengine imports ``pkg_resources`` (setuptools pinned below 81 for it) to resolve
+   ``mmdet::``-style config bases; its deprecation warning on every import is silenced.
 """
 import collections
 import collections.abc
 import os.path as osp
+import warnings
+
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated', category=UserWarning)
 
 for _name in ('Sequence', 'Mapping', 'MutableMapping', 'Iterable', 'Callable'):
     if not hasattr(collections, _name):

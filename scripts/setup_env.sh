@@ -55,8 +55,8 @@ rm -rf "$env_dir"
 pipi() { "$vpy" -m pip install --disable-pip-version-check --no-input "$@" >&2; }
 pipi -q --upgrade "pip==25.3"
 
-# 1. torch and torchvision, pinned in requirements.txt; then the build tools (torch pulls a
-#    setuptools without pkg_resources, which mmcv's setup.py needs: the pin goes in after torch)
+# 1. torch and torchvision, pinned in requirements.txt; then the build tools (torch pulls the
+#    newest setuptools, without pkg_resources, which mmcv's setup.py needs: the pin goes in after)
 pin() { grep -E "^$1==" requirements.txt; }
 pipi -q "$(pin torch)" "$(pin torchvision)"
 pipi -q -r requirements-build.txt

@@ -189,7 +189,8 @@ class InternViT(BaseModule):
         if not self.with_fpn:
             return tuple(f.to(out_dtype).contiguous() for f in feats)
         fpn_dtype = self.up1[0].weight.dtype
-        outs = [up(f.to(fpn_dtype)) for up, f in zip((self.up1, self.up2, self.up3, self.up4), feats)]
+        ups = (self.up1, self.up2, self.up3, self.up4)
+        outs = [up(f.to(fpn_dtype)) for up, f in zip(ups, feats)]
         return tuple(o.to(out_dtype).contiguous() for o in outs)
 
     # ------------------------------------------------------------------ pretrained weights
