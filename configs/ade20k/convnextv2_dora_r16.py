@@ -1,0 +1,4 @@
+# DoRA rank 16 on every conv and linear of the backbone.
+# Methods differ only in model.backbone.peft.
+_base_ = './_base_/upernet_convnextv2-l_160k_ade20k-640x640.py'
+model = dict(backbone=dict(peft=dict(_delete_=True, type='DoRA', rank=16, alpha=16, dropout=0.0, targets=dict(types=['Conv2d', 'Linear']))))

@@ -1,0 +1,5 @@
+# FLoRA rank 32 (r1 = r2 = 32, kernel rank 2) on every conv and linear of the backbone.
+# Methods differ only in model.backbone.peft.
+_base_ = './_base_/upernet_convnextv2-l_160k_ade20k-640x640.py'
+model = dict(backbone=dict(peft=dict(_delete_=True, type='FLoRA', rank=32, kernel_rank=2, scale=4.0, dropout=0.0,
+        targets=dict(types=['Conv2d', 'Linear']))))

@@ -1,0 +1,4 @@
+# the paper's "Base": frozen backbone, neck and heads train.
+# Methods differ only in model.backbone.peft.
+_base_ = './_base_/mask-rcnn_convnextv2-l_fpn_ms-crop-3x_coco.py'
+model = dict(backbone=dict(peft=dict(_delete_=True, type='Frozen')))

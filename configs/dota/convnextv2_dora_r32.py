@@ -1,0 +1,4 @@
+# DoRA rank 32 on every conv and linear of the backbone.
+# Methods differ only in model.backbone.peft.
+_base_ = './_base_/oriented-rcnn-le90_convnextv2-l_fpn_1x_dota.py'
+model = dict(backbone=dict(peft=dict(_delete_=True, type='DoRA', rank=32, alpha=32, dropout=0.0, targets=dict(types=['Conv2d', 'Linear']))))

@@ -1,0 +1,37 @@
+"""Stand-in "pretrained" checkpoints for the tiny configs, in the real on-disk formats.
+
+Nothing can be downloaded here, so the tiny configs load these through the same code path as
+the real ConvNeXt-V2 / InternViT files: ConvNeXt-V2-atto in timm's key layout, the tiny
+InternViT in InternVL's layout under a ``model`` key. The weights are random (seeded).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+def _save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.tmp-{path.name}')
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def generate_checkpoints(root: str | os.PathLike = 'data/tiny', seed: int = 0) -> dict[str, Path]:
+    """Write ``<root>/checkpoints/{convnextv2_atto.pth, internvit_tiny.pth}``."""
+    import timm
+
+    from ..models import InternViT
+
+    out = Path(root) / 'checkpoints'
+    torch.manual_seed(seed)
+    convnext = timm.create_model('convnextv2_atto', pretrained=False, num_classes=0)
+    paths = {'convnextv2_atto': out / 'convnextv2_atto.pth',
+             'internvit_tiny': out / 'internvit_tiny.pth'}
+    _save(convnext.state_dict(), paths['convnextv2_atto'])
+    torch.manual_seed(seed)
+    vit = InternViT(arch='tiny', with_fpn=False)
+    _save({'model': vit.state_dict()}, paths['internvit_tiny'])
+    return paths
