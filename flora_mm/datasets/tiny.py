@@ -46,8 +46,32 @@ _COCO_SPECS = (
     ({'id': 2, 'name': 'bicycle', 'supercategory': 'vehicle'}, (40, 220, 40), 'ellipse'),
     ({'id': 3, 'name': 'car', 'supercategory': 'vehicle'}, (50, 80, 240), 'rect'),
 )
-COCO_CATEGORIES = tuple(dict(c) for c, _, _ in _COCO_SPECS)
-COCO_CLASSES = tuple(c['name'] for c in COCO_CATEGORIES)
+COCO_CLASSES = tuple(c['name'] for c, _, _ in _COCO_SPECS)
+
+# The real annotation files list all 80 categories with their (non-contiguous) ids, and
+# mmdet's CocoMetric maps every predicted label (0..79) through that list: so the tiny json
+# lists them all too, even though only the three above occur.
+_COCO_80 = (
+    'person', 'bicycle', 'car', 'motorcycle', 'airplane', 'bus', 'train', 'truck', 'boat',
+    'traffic light', 'fire hydrant', 'stop sign', 'parking meter', 'bench', 'bird', 'cat', 'dog',
+    'horse', 'sheep', 'cow', 'elephant', 'bear', 'zebra', 'giraffe', 'backpack', 'umbrella',
+    'handbag', 'tie', 'suitcase', 'frisbee', 'skis', 'snowboard', 'sports ball', 'kite',
+    'baseball bat', 'baseball glove', 'skateboard', 'surfboard', 'tennis racket', 'bottle',
+    'wine glass', 'cup', 'fork', 'knife', 'spoon', 'bowl', 'banana', 'apple', 'sandwich',
+    'orange', 'broccoli', 'carrot', 'hot dog', 'pizza', 'donut', 'cake', 'chair', 'couch',
+    'potted plant', 'bed', 'dining table', 'toilet', 'tv', 'laptop', 'mouse', 'remote',
+    'keyboard', 'cell phone', 'microwave', 'oven', 'toaster', 'sink', 'refrigerator', 'book',
+    'clock', 'vase', 'scissors', 'teddy bear', 'hair drier', 'toothbrush')
+_COCO_IDS = tuple(i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83))
+_COCO_SUPER = ((1, 'person'), (9, 'vehicle'), (15, 'outdoor'), (25, 'animal'), (33, 'accessory'),
+               (43, 'sports'), (51, 'kitchen'), (61, 'food'), (70, 'furniture'),
+               (77, 'electronic'), (82, 'appliance'), (90, 'indoor'))
+COCO_CATEGORIES = tuple(
+    {'id': cid, 'name': name,
+     'supercategory': next(sup for last, sup in _COCO_SUPER if cid <= last)}
+    for cid, name in zip(_COCO_IDS, _COCO_80))
+assert all(c['id'] == spec['id'] and c['name'] == spec['name']
+           for c, (spec, _, _) in zip(COCO_CATEGORIES, _COCO_SPECS))
 
 # ADE20K label id -> (name, RGB colour); 0 is "other" (ignored with reduce_zero_label)
 _ADE_SPECS = {

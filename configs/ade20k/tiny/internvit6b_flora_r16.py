@@ -1,6 +1,6 @@
 # Tiny variant of ../internvit6b_flora_r16.py (UperNet on InternViT) for CPU runs and CI: the
-# 'tiny' InternViT preset (same block design: RMSNorm, qk-norm, layer scale), 112x140 padded
-# images of the generated tiny ADE20K, fp32, a short schedule, BN instead of SyncBN. Only model
+# 'tiny' InternViT preset (same block design: RMSNorm, qk-norm, layer scale), 112x140 images
+# of the generated tiny ADE20K, fp32, a short schedule, BN instead of SyncBN. Only model
 # size, image size, data root and schedule are overridden.
 _base_ = '../internvit6b_flora_r16.py'
 
@@ -20,14 +20,17 @@ model = dict(
     test_cfg=dict(_delete_=True, mode='whole'))
 
 # -- image size and data root
+# resized to multiples of the 14-pixel patch; predictions are scored at the original size
 train_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='LoadAnnotations', reduce_zero_label=True),
+    dict(type='Resize', scale=(140, 112), keep_ratio=False),
     dict(type='RandomFlip', prob=0.5),
     dict(type='PackSegInputs'),
 ]
 test_pipeline = [
     dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=(140, 112), keep_ratio=False),
     dict(type='LoadAnnotations', reduce_zero_label=True),
     dict(type='PackSegInputs'),
 ]
