@@ -2,7 +2,9 @@
 # virtual environment outside the checkout (scripts/setup_env.sh; FLORA_MM_ENV overrides it).
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
-PY = $(shell bash scripts/setup_env.sh)
+# the environment is shared by every clone: run this checkout's flora_mm, whichever clone the
+# editable install last pointed at
+PY = PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(shell bash scripts/setup_env.sh)
 
 .PHONY: help env python-path test demo demo-all data bench
 
