@@ -359,3 +359,10 @@ def test_build_through_openmmlab_registries():
         vit = registry.build(dict(type='InternViT', arch='tiny', img_size=28))
         assert isinstance(cnx, ConvNeXtV2) and cnx.out_channels == [80, 160, 320]
         assert isinstance(vit, InternViT) and vit.out_channels == [64] * 4
+
+
+def test_convnextv2_outputs_are_contiguous_nchw():
+    """mmcv's CPU RoIAlign reads raw NCHW memory: channels-last views gave garbage RoI features."""
+    backbone = ConvNeXtV2(arch='atto')
+    for out in backbone(torch.randn(1, 3, 64, 64)):
+        assert out.is_contiguous()

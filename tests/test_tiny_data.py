@@ -226,5 +226,6 @@ def test_dota_dataset_and_perfect_metric(tiny_root, classes):
         sample.pred_instances = InstanceData(
             bboxes=gt.bboxes.tensor.clone(), labels=gt.labels.clone(), scores=torch.ones(len(gt)))
         evaluator.process([sample])
-    metrics = evaluator.evaluate(len(dataset))
-    assert metrics['dota/mAP'] == pytest.approx(1.0)
+    if classes is None:  # once: DOTAMetric spawns a 4-process pool per evaluation (~15 s)
+        metrics = evaluator.evaluate(len(dataset))
+        assert metrics['dota/mAP'] == pytest.approx(1.0)

@@ -112,7 +112,9 @@ class ConvNeXtV2(BaseModule):
                 x = stage(x)
             if i in self.out_indices:
                 outs.append(getattr(self, f'norm{i}')(x) if self.out_norm else x)
-        return tuple(outs)
+        # timm's LayerNorm2d returns a channels-last strided view, and convs keep that layout;
+        # mmcv's RoIAlign / RoIAlignRotated read raw NCHW memory and give wrong features for it
+        return tuple(o.contiguous() for o in outs)
 
     # ------------------------------------------------------------------ pretrained weights
     def init_weights(self) -> None:

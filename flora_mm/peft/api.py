@@ -21,8 +21,11 @@ def build_peft_method(cfg: dict | PEFTMethod) -> PEFTMethod:
     if PEFT_METHODS.get(method_type) is None:
         known = sorted(PEFT_METHODS.module_dict)
         raise PEFTConfigError(f'unknown PEFT method type {method_type!r}; registered: {known}')
+    cls = PEFT_METHODS.get(cfg.pop('type'))
     try:
-        return PEFT_METHODS.build(cfg)
+        # called directly, not through Registry.build: under an mmdet/mmseg/mmrotate default
+        # scope, build() would warn on every call that the scope has no "peft method" registry
+        return cls(**cfg)
     except TypeError as err:  # unknown keyword for this method
         raise PEFTConfigError(f'{method_type}: {err}') from err
 
