@@ -1,5 +1,4 @@
 """Shared fixtures: tiny data on disk and the tiny task configs pointed at it."""
-import importlib
 import os
 
 import pytest
@@ -14,7 +13,6 @@ TINY_CONFIGS = {
     'ade20k_internvit': 'configs/ade20k/tiny/internvit6b_flora_r16.py',
     'dota': 'configs/dota/tiny/convnextv2_flora_r16.py',
 }
-SCOPE_PACKAGES = {'mmdet': 'mmdet.utils', 'mmseg': 'mmseg.utils', 'mmrotate': 'mmrotate.utils'}
 
 
 @pytest.fixture(scope='session')
@@ -31,7 +29,9 @@ def tiny_root(tmp_path_factory):
 def register_scope(scope: str) -> None:
     """Register the task package's modules and make it the default scope."""
     from mmengine.registry import init_default_scope
-    importlib.import_module(SCOPE_PACKAGES[scope]).register_all_modules(init_default_scope=False)
+
+    from flora_mm.utils import register_task_modules
+    register_task_modules(scope)
     init_default_scope(scope)
 
 

@@ -26,6 +26,7 @@ if _ROOT not in sys.path:
     sys.path.insert(1, _ROOT)
 
 import flora_mm  # noqa: E402,F401  (compat shims + registration, before any OpenMMLab import)
+from flora_mm.utils import SCOPES, register_task_modules  # noqa: E402
 
 import torch  # noqa: E402
 from mmengine.config import Config, ConfigDict, DictAction  # noqa: E402
@@ -33,7 +34,6 @@ from mmengine.logging import print_log  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
-SCOPES = ('mmdet', 'mmseg', 'mmrotate')
 LAUNCHERS = ('none', 'pytorch', 'slurm', 'mpi')
 _CFG_OPTIONS_HELP = (
     'override some settings in the used config, the key-value pair in xxx=yyy format will be '
@@ -71,20 +71,8 @@ def get_scope(cfg: Config) -> str:
 
 
 def register_scope(scope: str) -> None:
-    """Register the scope's modules without initialising the default scope (the runner does).
-
-    mmrotate configs use ``mmdet.*`` modules, so mmdet is registered for them too (as
-    mmrotate's own tools do).
-    """
-    if scope in ('mmdet', 'mmrotate'):
-        from mmdet.utils import register_all_modules as register_mmdet
-        register_mmdet(init_default_scope=False)
-    if scope == 'mmseg':
-        from mmseg.utils import register_all_modules as register_mmseg
-        register_mmseg(init_default_scope=False)
-    elif scope == 'mmrotate':
-        from mmrotate.utils import register_all_modules as register_mmrotate
-        register_mmrotate(init_default_scope=False)
+    """Register the scope's modules; the runner initialises the default scope."""
+    register_task_modules(scope)
 
 
 def setup_dynamo(scope: str) -> None:
