@@ -123,14 +123,6 @@ class AdapterLayer(nn.Module):
         self.merged = False
 
     # -- helpers ------------------------------------------------------------------------------
-    @property
-    def groups(self) -> int:
-        return getattr(self.base_layer, 'groups', 1)
-
-    @property
-    def weight_shape(self) -> torch.Size:
-        return self.weight.shape
-
     def adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         for name, param in self.named_parameters():
             if name.startswith(self.adapter_prefixes):
@@ -177,7 +169,7 @@ class AdapterLayer(nn.Module):
         if self.merged:
             return self.base_op(x, self.weight, self.bias)
         if self.kind == 'Linear':
-            branch = self.linear_branch(self.dropout(x) if self.training else x)
+            branch = self.linear_branch(self.dropout(x))  # nn.Dropout is a no-op in eval
             if branch is not None:
                 return self.base_op(x, self.weight, self.bias) + self._cast_like(branch, x)
         if self.training and isinstance(self.dropout, nn.Dropout):

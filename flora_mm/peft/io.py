@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .api import adapter_state_dict, build_peft_method, injected_roots, load_adapter_state_dict
+from .api import adapter_state_dict, injected_roots, load_adapter_state_dict
 from .base import AdapterLayer
 
 FORMAT = 'flora_mm.adapter/1'
@@ -144,7 +144,3 @@ def load_adapter_checkpoint(model: nn.Module, path: str, strict: bool = True,
         raise KeyError(f'{path}: tensors the model does not have: {result.unexpected_keys[:10]}')
     return info
 
-
-def build_methods_from_info(info: dict) -> dict[str, Any]:
-    """PEFT method objects from a sidecar's ``methods`` (for tools that rebuild a model)."""
-    return {name: build_peft_method(cfg) for name, cfg in info['methods'].items()}
