@@ -6,7 +6,7 @@ SHELL := /bin/bash
 # editable install last pointed at
 PY = PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(shell bash scripts/setup_env.sh)
 
-.PHONY: help env python-path test demo demo-all data bench
+.PHONY: help env python-path test demo demo-all data bench gpu-check
 
 help:
 	@echo "make demo        set up, generate tiny COCO, fine-tune FLoRA with tools/train.py, evaluate with tools/test.py"
@@ -14,6 +14,7 @@ help:
 	@echo "make test        set up and run the test suite"
 	@echo "make env         build or reuse the environment only"
 	@echo "make -s python-path   print the environment's interpreter"
+	@echo "make gpu-check   on a GPU machine: train/test the tiny configs on CUDA, CUDA tests, 2-GPU run"
 
 env:
 	@bash scripts/setup_env.sh >/dev/null
@@ -32,3 +33,7 @@ demo-all: env
 
 bench: env
 	$(PY) tools/benchmark.py
+
+# on a machine with an NVIDIA driver `env` builds the cuda variant by itself (FLORA_MM_CUDA=1 forces it)
+gpu-check: env
+	$(PY) tools/gpu_check.py

@@ -15,6 +15,17 @@ TINY_CONFIGS = {
 }
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` skip without a CUDA device, with the reason in the summary."""
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason='needs a CUDA device (run `make gpu-check` on a GPU machine)')
+    for item in items:
+        if item.get_closest_marker('cuda') is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope='session')
 def tiny_root(tmp_path_factory):
     """Tiny COCO / ADE20K / DOTA and the stand-in pretrained checkpoints, written once."""

@@ -1,0 +1,127 @@
+"""CUDA: mmcv's compiled kernels and the adapters on a GPU.
+
+Tests marked ``cuda`` skip cleanly without a CUDA device (conftest.py says so in the summary);
+``make gpu-check`` runs them on a GPU machine. The kernel-presence tests read the installed
+mmcv's extension and run everywhere: on the CPU variant they assert that the check reports the
+kernels missing, on the cuda variant that every one is there.
+"""
+import pytest
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+import flora_mm  # noqa: F401
+from flora_mm.apis.cuda_ops import (DETECTION_OP_KERNELS, check_mmcv_cuda_kernels,
+                                    mmcv_cuda_kernels)
+from flora_mm.peft import adapter_layers, inject_adapters
+
+
+def _mmcv_built_with_cuda() -> bool:
+    from mmcv.ops import get_compiling_cuda_version
+    return get_compiling_cuda_version() != 'not available'
+
+
+def test_kernel_check_agrees_with_mmcv_build_info():
+    found = mmcv_cuda_kernels()
+    assert set(found) == set(DETECTION_OP_KERNELS)
+    flags = [ok for kernels in found.values() for ok in kernels.values()]
+    if _mmcv_built_with_cuda():
+        assert all(flags), found
+        assert 'RoIAlign' in check_mmcv_cuda_kernels()
+    else:
+        assert not any(flags), found  # CPU build: no kernel stub may be reported
+        with pytest.raises(RuntimeError, match='lacks CUDA kernels'):
+            check_mmcv_cuda_kernels()
+
+
+@pytest.mark.skipif(not _mmcv_built_with_cuda(), reason='mmcv built without CUDA (cpu variant)')
+def test_cuda_variant_has_every_detection_kernel():
+    missing = [f'{op}:{k}' for op, ks in mmcv_cuda_kernels().items() for k, ok in ks.items()
+               if not ok]
+    assert not missing
+
+
+# -- adapters on CUDA -----------------------------------------------------------------------------
+METHODS = {
+    'FLoRA': dict(type='FLoRA', rank=4, kernel_rank=2, scale=1.0),
+    'LoRA': dict(type='LoRA', rank=4),
+    'DoRA': dict(type='DoRA', rank=4),
+}
+LAYERS = {
+    'linear': (lambda: nn.Linear(32, 48), (6, 32)),
+    'conv3x3': (lambda: nn.Conv2d(16, 24, 3, padding=1), (2, 16, 12, 12)),
+    'depthwise7x7': (lambda: nn.Conv2d(16, 16, 7, padding=3, groups=16), (2, 16, 12, 12)),
+}
+
+
+def _plain_forward(layer, x, weight):
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, weight, layer.bias)
+    return F.conv2d(x, weight, layer.bias, layer.stride, layer.padding, layer.dilation,
+                    layer.groups)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('layer_name', list(LAYERS))
+@pytest.mark.parametrize('method', list(METHODS))
+def test_adapter_equivalence_on_cuda(method, layer_name, dtype):
+    torch.manual_seed(0)
+    make, shape = LAYERS[layer_name]
+    root = nn.Sequential(make()).cuda().to(dtype)
+    inject_adapters(root, dict(METHODS[method], targets=dict(types=['Linear', 'Conv2d'])))
+    (_, layer), = adapter_layers(root)
+    with torch.no_grad():  # a non-zero update, so the test sees it
+        for _, p in layer.adapter_parameters():
+            p.normal_(0.0, 0.1)
+    assert all(p.dtype == torch.float32 for _, p in layer.adapter_parameters())
+    x = torch.randn(shape, device='cuda', dtype=dtype)
+    out = root(x)
+    # independent: the plain op with W0 + dW summed in fp32
+    weight = (layer.weight.float() + layer.delta_weight().float()).to(dtype)
+    ref = _plain_forward(layer.base_layer, x, weight)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(out, ref, **tol)
+    out.float().square().mean().backward()
+    grads = [p.grad for _, p in layer.adapter_parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert layer.weight.grad is None  # the base stays frozen
+
+
+# -- mmcv ops: CUDA kernels against the CPU ones ----------------------------------------------------
+def _boxes(n, gen):
+    xy = torch.rand(n, 2, generator=gen) * 50
+    wh = torch.rand(n, 2, generator=gen) * 20 + 2
+    return torch.cat([xy, xy + wh], 1)
+
+
+@pytest.mark.cuda
+def test_mmcv_ops_cuda_match_cpu():
+    from mmcv.ops import RoIAlign, RoIAlignRotated, box_iou_rotated, nms, nms_rotated
+    gen = torch.Generator().manual_seed(0)
+    boxes, scores = _boxes(64, gen), torch.rand(64, generator=gen)
+    _, keep_cpu = nms(boxes, scores, 0.5)
+    _, keep_gpu = nms(boxes.cuda(), scores.cuda(), 0.5)
+    assert torch.equal(keep_cpu, keep_gpu.cpu())
+
+    feats = torch.randn(2, 8, 32, 32, generator=gen)
+    rois = torch.cat([torch.randint(0, 2, (16, 1), generator=gen).float(),
+                      _boxes(16, gen) / 2], 1)
+    align = RoIAlign((7, 7), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    torch.testing.assert_close(align(feats.cuda(), rois.cuda()).cpu(), align(feats, rois),
+                               atol=1e-4, rtol=1e-4)
+
+    rboxes = torch.cat([_boxes(32, gen)[:, :2] / 2 + 5, torch.rand(32, 2, generator=gen) * 10 + 2,
+                        torch.rand(32, 1, generator=gen) - 0.5], 1)
+    torch.testing.assert_close(box_iou_rotated(rboxes.cuda(), rboxes.cuda()).cpu(),
+                               box_iou_rotated(rboxes, rboxes), atol=1e-4, rtol=1e-4)
+    rscores = torch.rand(32, generator=gen)
+    _, keep_cpu = nms_rotated(rboxes, rscores, 0.3)
+    _, keep_gpu = nms_rotated(rboxes.cuda(), rscores.cuda(), 0.3)
+    assert torch.equal(keep_cpu.sort().values, keep_gpu.cpu().sort().values)
+
+    rrois = torch.cat([torch.zeros(8, 1), rboxes[:8]], 1)
+    ralign = RoIAlignRotated((7, 7), spatial_scale=1.0, sampling_ratio=2, aligned=True,
+                             clockwise=False)
+    torch.testing.assert_close(ralign(feats.cuda(), rrois.cuda()).cpu(), ralign(feats, rrois),
+                               atol=1e-4, rtol=1e-4)
