@@ -90,7 +90,8 @@ class FLoRAHook(Hook):
         if not list(injected_roots(model)):
             raise RuntimeError('FLoRAHook: the model has no PEFT method: build the backbone with '
                                "type='PEFTBackbone' or give the hook peft=dict(...)")
-        runner.logger.info('FLoRAHook parameters per part:\n' + format_table(parameter_table(model)))
+        runner.logger.info('FLoRAHook parameters per part:\n'
+                           + format_table(parameter_table(model)))
         if self.check_trainable:
             extra, frozen = unexpected_trainable(model)
             if extra or frozen:
