@@ -9,7 +9,8 @@
 - ``merge``: ``merge`` (tools/merge_adapters.py);
 - ``count``: ``count_params`` (tools/count_params.py);
 - ``demo``: ``make_tiny_data`` (tools/make_tiny_data.py) and ``run_demo`` (tools/demo.py);
-- ``cuda_ops``: whether the installed mmcv carries the detectors' CUDA kernels.
+- ``cuda_ops``: whether the installed mmcv carries the detectors' CUDA kernels;
+- ``gpu_check``: ``run_gpu_check`` (tools/gpu_check.py, ``make gpu-check``).
 """
 from .config import (add_runner_args, adapt_to_cpu_distributed, get_scope, load_config,
                      load_runner_config, parse_with_local_rank, replace_sync_bn)
