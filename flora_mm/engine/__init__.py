@@ -1,3 +1,4 @@
 from .flora_hook import FLoRAHook, parameter_table, update_norms
+from .optim_constructor import LayerDecayOptimWrapperConstructor
 
-__all__ = ['FLoRAHook', 'parameter_table', 'update_norms']
+__all__ = ['FLoRAHook', 'LayerDecayOptimWrapperConstructor', 'parameter_table', 'update_norms']
