@@ -49,4 +49,3 @@ param_scheduler = [
 ]
 default_hooks = dict(logger=dict(interval=20),
                      checkpoint=dict(by_epoch=False, interval=max_iters))
-custom_hooks = [dict(type='FLoRAHook', norm_interval=20)]

@@ -61,4 +61,3 @@ optim_wrapper = dict(_delete_=True, type='OptimWrapper',
                      optimizer=dict(type='AdamW', lr=2e-3, betas=(0.9, 0.999), weight_decay=0.05))
 default_hooks = dict(logger=dict(interval=6), checkpoint=dict(interval=max_epochs))
 log_processor = dict(window_size=6)
-custom_hooks = [dict(type='FLoRAHook', norm_interval=6)]

@@ -60,4 +60,3 @@ optim_wrapper = dict(_delete_=True, type='OptimWrapper',
                      clip_grad=dict(max_norm=35, norm_type=2))
 default_hooks = dict(logger=dict(interval=6), checkpoint=dict(interval=max_epochs))
 log_processor = dict(window_size=6)
-custom_hooks = [dict(type='FLoRAHook', norm_interval=6)]
