@@ -12,3 +12,6 @@ model = dict(
     decode_head=dict(in_channels=[192, 384, 768, 1536], num_classes=150),
     auxiliary_head=dict(in_channels=768, num_classes=150),
     test_cfg=dict(mode='slide', crop_size=(640, 640), stride=(426, 426)))
+# used once above: not kept as a setting of its own (so the final config names the
+# backbone once, and a merged/exported config holds no PEFTBackbone)
+convnextv2_l_peft = None

@@ -8,3 +8,6 @@ custom_imports = dict(imports=['flora_mm'], allow_failed_imports=False)
 model = dict(
     backbone={{_base_.convnextv2_l_peft}},
     neck=dict(in_channels=[192, 384, 768, 1536]))
+# used once above: not kept as a setting of its own (so the final config names the
+# backbone once, and a merged/exported config holds no PEFTBackbone)
+convnextv2_l_peft = None
