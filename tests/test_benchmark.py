@@ -51,8 +51,16 @@ def test_interleaving_rotates_the_order_and_drops_the_warmup():
     fns = {n: (lambda n=n: calls.append(n)) for n in 'abc'}
     times = interleaved_times(fns, rounds=3, warmup=1, device=torch.device('cpu'))
     assert calls == list('abc' 'bca' 'cab' 'abc')
-    assert {n: len(t) for n, t in times.items()} == {'a': 3, 'b': 3, 'c': 3}
-    assert all(t >= 0 for ts in times.values() for t in ts)
+    assert {n: (len(t['wall']), len(t['cpu'])) for n, t in times.items()} == {
+        'a': (3, 3), 'b': (3, 3), 'c': (3, 3)}
+    assert all(t >= 0 for ts in times.values() for clock in ts.values() for t in clock)
+
+
+def test_cpu_clock_leaves_out_time_the_process_does_not_run():
+    import time
+    times = interleaved_times({'sleep': lambda: time.sleep(0.2)}, rounds=1, warmup=0,
+                              device=torch.device('cpu'))
+    assert times['sleep']['wall'][0] >= 0.2 > 10 * times['sleep']['cpu'][0]
 
 
 def test_floor_sends_gradients_to_the_input_only():
@@ -73,6 +81,8 @@ def test_bad_settings_fail_clearly():
         BenchConfig(arch='gigantic')
     with pytest.raises(ValueError, match='rounds'):
         BenchConfig(rounds=0)
+    with pytest.raises(ValueError, match='clock'):
+        BenchConfig(clock='sundial')
 
 
 def test_malloc_tuning_applies_on_glibc():
@@ -83,17 +93,18 @@ def test_malloc_tuning_applies_on_glibc():
 def test_small_run_rows_ratios_and_outputs(tmp_path):
     methods = ('Floor', 'LoRA', 'FLoRA', 'Full')
     cfg = BenchConfig(arch='atto', batch=2, size=32, rounds=2, warmup=1, methods=methods,
-                      memory=False)
+                      memory=False, clock='cpu')
     result = run_benchmark(cfg)
     rows = {r['method']: r for r in result.rows}
     assert list(rows) == list(methods)
     for name, row in rows.items():
-        assert len(row['times']) == 2
-        assert row['x_Floor'] == pytest.approx(row['s_step'] / rows['Floor']['s_step'])
-        assert row['x_LoRA'] == pytest.approx(row['s_step'] / rows['LoRA']['s_step'])
-        assert row['x_Full'] == pytest.approx(row['s_step'] / rows['Full']['s_step'])
+        assert len(row['times']['wall']) == 2
+        assert len(row['times']['cpu']) == 2
+        for ref in ('Floor', 'LoRA', 'Full'):
+            assert row[f'x_{ref}'] == pytest.approx(row['cpu_s_step'] / rows[ref]['cpu_s_step'])
     assert rows['FLoRA']['trainable'] < rows['LoRA']['trainable'] < rows['Full']['trainable']
-    assert 0.5 < result.inference['ratio'] < 2.0
+    inf = result.inference
+    assert inf['ratio'] == pytest.approx(inf['merged_s'] / inf['plain_s']) and inf['plain_s'] > 0
     table = format_table(result)
     assert 'Floor (frozen, input grads)' in table and 'merged' in table
     json.dumps(asdict(result))  # everything the tool writes with --json is serialisable

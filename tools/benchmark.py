@@ -31,6 +31,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS),
                    metavar='METHOD', help=f'rows to measure, of {", ".join(METHODS)}')
     p.add_argument('--device', default='auto', help='auto (CUDA if present), cpu or cuda[:N]')
+    p.add_argument('--clock', default='wall', choices=['wall', 'cpu'],
+                   help='clock of the ratios; cpu (process CPU time) for a shared CPU machine')
+    p.add_argument('--threads', type=int, help="torch's intra-op threads (default: torch's)")
     p.add_argument('--bf16', action='store_true', help='bf16 autocast (CUDA)')
     p.add_argument('--compile', action='store_true', help='torch.compile every backbone')
     p.add_argument('--no-memory', action='store_true', help='skip the peak-memory processes')
@@ -52,7 +55,8 @@ def main() -> None:
     try:
         cfg = BenchConfig(arch=args.arch, batch=args.batch, size=args.size, rounds=args.rounds,
                           warmup=args.warmup, methods=tuple(args.methods), device=args.device,
-                          bf16=args.bf16, compile=args.compile, memory=not args.no_memory,
+                          bf16=args.bf16, compile=args.compile, clock=args.clock,
+                          threads=args.threads, memory=not args.no_memory,
                           inference=not args.no_inference,
                           tune_malloc=not args.malloc_as_launched)
     except ValueError as err:

@@ -88,7 +88,13 @@ class BenchConfig:
     compile: bool = False
     memory: bool = True
     inference: bool = True
+    #: which clock the ratios use: 'wall', or 'cpu' (this process's CPU time: on a shared
+    #: machine it leaves out the time other processes hold the cores)
+    clock: str = 'wall'
     tune_malloc: bool = True
+    #: torch's intra-op threads (None: torch's default). On an oversubscribed machine every
+    #: parallel region waits for a descheduled thread, which makes small ops cost milliseconds
+    threads: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -103,6 +109,12 @@ class BenchConfig:
         for name in ('batch', 'size', 'rounds'):
             if getattr(self, name) < 1:
                 raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}')
+        if self.clock not in ('wall', 'cpu'):
+            raise ValueError(f"clock must be 'wall' or 'cpu', got {self.clock!r}")
+        if self.clock == 'cpu' and self.resolved_device().type != 'cpu':
+            raise ValueError('clock cpu is for CPU runs; CUDA steps are timed on the wall clock')
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f'threads must be >= 1, got {self.threads}')
         if self.warmup < 0:
             raise ValueError(f'warmup must be >= 0, got {self.warmup}')
         if self.bf16 and self.resolved_device().type != 'cuda':
@@ -192,28 +204,32 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call."""
     _sync(device)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
     _sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def interleaved_times(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int,
-                      device: torch.device,
-                      progress: Callable[[str], None] | None = None) -> dict[str, list[float]]:
-    """Seconds per call of each function: ``warmup + rounds`` rounds, each calling every
-    function once in an order rotated by one per round; warm-up rounds are dropped."""
+                      device: torch.device, progress: Callable[[str], None] | None = None
+                      ) -> dict[str, dict[str, list[float]]]:
+    """Seconds per call of each function, ``{name: {'wall': [...], 'cpu': [...]}}``:
+    ``warmup + rounds`` rounds, each calling every function once in an order rotated by one
+    per round; warm-up rounds are dropped."""
     names = list(fns)
-    times: dict[str, list[float]] = {n: [] for n in names}
+    times: dict[str, dict[str, list[float]]] = {n: dict(wall=[], cpu=[]) for n in names}
     last: dict[str, float] = {}
     for r in range(warmup + rounds):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            t = last[name] = _timed(fns[name], device)
+            wall, cpu = _timed(fns[name], device)
+            last[name] = wall
             if r >= warmup:
-                times[name].append(t)
+                times[name]['wall'].append(wall)
+                times[name]['cpu'].append(cpu)
         if progress:
             kind = f'warm-up {r + 1}' if r < warmup else f'round {r + 1 - warmup}'
             progress(f'{kind}: ' + ', '.join(f'{n} {last[n]:.2f}s' for n in names))
@@ -256,6 +272,8 @@ def _peak_memory_worker(method: str, cfg_dict: dict) -> float:
     cfg = BenchConfig(**cfg_dict)
     if cfg.tune_malloc:
         tune_glibc_malloc()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     device = cfg.resolved_device()
     if device.type == 'cpu':
         # forget the start-up peak (imports): Linux resets VmHWM to the current RSS on '5'
@@ -309,6 +327,8 @@ def run_benchmark(cfg: BenchConfig, progress: Callable[[str], None] | None = Non
                   ) -> BenchResult:
     """Time every method interleaved, then merged inference, then peak memory per method."""
     tuned = cfg.tune_malloc and tune_glibc_malloc()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     result = BenchResult(config=asdict(cfg), machine=machine_info(cfg, tuned))
     device = cfg.resolved_device()
     cases = {}
@@ -320,17 +340,18 @@ def run_benchmark(cfg: BenchConfig, progress: Callable[[str], None] | None = Non
                               device, progress)
     trainable = {m: c.trainable for m, c in cases.items()}
     del cases
-    medians = {m: statistics.median(t) for m, t in times.items()}
+    medians = {m: {k: statistics.median(v) for k, v in t.items()} for m, t in times.items()}
     for method in cfg.methods:
-        row = dict(method=method, label=LABELS.get(method, method),
-                   trainable=trainable[method], s_step=medians[method], times=times[method])
+        med = medians[method]
+        row = dict(method=method, label=LABELS.get(method, method), trainable=trainable[method],
+                   s_step=med['wall'], cpu_s_step=med['cpu'], times=times[method])
         for ref in ('Floor', 'LoRA', 'Full'):
             if ref in medians:
-                row[f'x_{ref}'] = medians[method] / medians[ref]
+                row[f'x_{ref}'] = med[cfg.clock] / medians[ref][cfg.clock]
         result.rows.append(row)
     if cfg.inference:
         inf = merged_inference_times(cfg, progress)
-        plain, merged = (statistics.median(inf[k]) for k in ('plain', 'FLoRA merged'))
+        plain, merged = (statistics.median(inf[k][cfg.clock]) for k in ('plain', 'FLoRA merged'))
         result.inference = dict(plain_s=plain, merged_s=merged, ratio=merged / plain, times=inf)
     if cfg.memory:
         for row in result.rows:
@@ -352,19 +373,24 @@ def format_table(result: BenchResult) -> str:
     lines = [f'ConvNeXt-V2-{cfg["arch"]}, batch {cfg["batch"]} x {cfg["size"]}px, '
              f'{mach["device"]}{" bf16 autocast" if cfg["bf16"] else ""}'
              f'{", torch.compile" if cfg["compile"] else ""}; median of {cfg["rounds"]} '
-             f'interleaved rounds after {cfg["warmup"]} warm-up',
+             f'interleaved rounds after {cfg["warmup"]} warm-up; ratios on the {cfg["clock"]} '
+             'clock',
              f'{mach["cpu"]} ({mach["cpu_count"]} cores, {mach["torch_threads"]} torch threads)'
              f'{", " + mach["gpu"] if "gpu" in mach else ""}; torch {mach["torch"]}; '
-             f'{mach["allocator"]}; load average {mach["load_average_start"][0]:.1f} at start',
+             f'{mach["allocator"]}; load average {mach["load_average_start"][0]:.1f} at start, '
+             f'{mach["load_average_end"][0]:.1f} at the end',
              '']
     refs = [r for r in ('Floor', 'LoRA', 'Full') if any(row['method'] == r for row in result.rows)]
     mem = any('peak_mib' in row for row in result.rows)
-    header = ['method', 'trainable', 's/step'] + [f'x {r}' for r in refs]
+    clock = 'CPU' if cfg['clock'] == 'cpu' else 'wall'
+    header = ['method', 'trainable', 'wall s/step', 'CPU s/step'] + [
+        f'x {r} ({clock})' for r in refs]
     if mem:
         header += ['peak MiB'] + ([f'mem x Floor'] if 'Floor' in refs else [])
     lines += ['| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
     for row in result.rows:
-        cells = [row['label'], f'{row["trainable"]:,}', f'{row["s_step"]:.3f}']
+        cells = [row['label'], f'{row["trainable"]:,}', f'{row["s_step"]:.3f}',
+                 f'{row["cpu_s_step"]:.3f}']
         cells += [f'{row[f"x_{r}"]:.2f}' for r in refs]
         if mem:
             cells.append(f'{row["peak_mib"]:.0f}')
@@ -373,8 +399,9 @@ def format_table(result: BenchResult) -> str:
         lines.append('| ' + ' | '.join(cells) + ' |')
     if result.inference:
         inf = result.inference
-        lines += ['', f'Inference (eval, no grad): plain backbone {inf["plain_s"]:.3f} s, FLoRA '
-                      f'merged {inf["merged_s"]:.3f} s = {inf["ratio"]:.3f}x plain']
+        lines += ['', f'Inference (eval, no grad, {clock} clock): plain backbone '
+                      f'{inf["plain_s"]:.3f} s, FLoRA merged {inf["merged_s"]:.3f} s = '
+                      f'{inf["ratio"]:.3f}x plain']
     return '\n'.join(lines)
 
 
@@ -388,7 +415,10 @@ def plot_result(result: BenchResult, path: str) -> None:
         raise RuntimeError('--plot needs matplotlib, which is not installed') from err
     rows = result.rows
     labels = [r['label'] for r in rows]
-    panels = [('s_step', 'seconds per training step', 'x_Floor')]
+    clock = result.config['clock']
+    panels = [('cpu_s_step' if clock == 'cpu' else 's_step',
+               f'seconds per training step ({"CPU time" if clock == "cpu" else "wall"})',
+               'x_Floor')]
     if all('peak_mib' in r for r in rows):
         panels.append(('peak_mib', 'peak memory (MiB)', 'mem_x_Floor'))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 0.5 * len(rows) + 2),
@@ -406,7 +436,7 @@ def plot_result(result: BenchResult, path: str) -> None:
         ax.set_xlabel(title)
         top = max(values)
         for y, r in zip(ypos, rows):
-            text = f'{r[key]:.2f}' if key == 's_step' else f'{r[key]:.0f}'
+            text = f'{r[key]:.0f}' if key == 'peak_mib' else f'{r[key]:.2f}'
             if ratio in r:
                 text += f'  ({r[ratio]:.2f}x Floor)'
             ax.text(r[key] + top * 0.01, y, text, va='center', fontsize=9)
