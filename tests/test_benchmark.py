@@ -103,6 +103,8 @@ def test_small_run_rows_ratios_and_outputs(tmp_path):
         for ref in ('Floor', 'LoRA', 'Full'):
             assert row[f'x_{ref}'] == pytest.approx(row['cpu_s_step'] / rows[ref]['cpu_s_step'])
     assert rows['FLoRA']['trainable'] < rows['LoRA']['trainable'] < rows['Full']['trainable']
+    # adapters keep their layers' inputs for their weight gradients; Floor does not need them
+    assert rows['Floor']['saved_mib'] < min(rows[m]['saved_mib'] for m in ('LoRA', 'FLoRA'))
     inf = result.inference
     assert inf['ratio'] == pytest.approx(inf['merged_s'] / inf['plain_s']) and inf['plain_s'] > 0
     table = format_table(result)

@@ -261,6 +261,24 @@ def merged_inference_times(cfg: BenchConfig, progress: Callable[[str], None] | N
                              cfg.warmup, device, progress)
 
 
+def saved_activation_mib(case: TrainCase) -> float:
+    """MiB that autograd keeps for the backward of one step (unique storages, parameters not
+    counted): the activation memory a method adds, exact and independent of the allocator."""
+    params = {p.untyped_storage().data_ptr() for p in case.backbone.parameters()}
+    params |= {p.untyped_storage().data_ptr() for p in case.head.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        case.step()
+    return sum(seen.values()) / 2 ** 20
+
+
 # -- peak memory, one process per method ----------------------------------------------------
 def _status_mib(field: str) -> float:
     with open('/proc/self/status') as f:
@@ -339,12 +357,14 @@ def run_benchmark(cfg: BenchConfig, progress: Callable[[str], None] | None = Non
     times = interleaved_times({m: c.step for m, c in cases.items()}, cfg.rounds, cfg.warmup,
                               device, progress)
     trainable = {m: c.trainable for m, c in cases.items()}
+    saved = {m: saved_activation_mib(c) for m, c in cases.items()}
     del cases
     medians = {m: {k: statistics.median(v) for k, v in t.items()} for m, t in times.items()}
     for method in cfg.methods:
         med = medians[method]
         row = dict(method=method, label=LABELS.get(method, method), trainable=trainable[method],
-                   s_step=med['wall'], cpu_s_step=med['cpu'], times=times[method])
+                   s_step=med['wall'], cpu_s_step=med['cpu'], saved_mib=saved[method],
+                   times=times[method])
         for ref in ('Floor', 'LoRA', 'Full'):
             if ref in medians:
                 row[f'x_{ref}'] = med[cfg.clock] / medians[ref][cfg.clock]
@@ -384,14 +404,14 @@ def format_table(result: BenchResult) -> str:
     mem = any('peak_mib' in row for row in result.rows)
     clock = 'CPU' if cfg['clock'] == 'cpu' else 'wall'
     header = ['method', 'trainable', 'wall s/step', 'CPU s/step'] + [
-        f'x {r} ({clock})' for r in refs]
+        f'x {r} ({clock})' for r in refs] + ['saved for backward MiB']
     if mem:
         header += ['peak MiB'] + ([f'mem x Floor'] if 'Floor' in refs else [])
     lines += ['| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
     for row in result.rows:
         cells = [row['label'], f'{row["trainable"]:,}', f'{row["s_step"]:.3f}',
                  f'{row["cpu_s_step"]:.3f}']
-        cells += [f'{row[f"x_{r}"]:.2f}' for r in refs]
+        cells += [f'{row[f"x_{r}"]:.2f}' for r in refs] + [f'{row["saved_mib"]:.0f}']
         if mem:
             cells.append(f'{row["peak_mib"]:.0f}')
             if 'Floor' in refs:
