@@ -382,13 +382,14 @@ def check_checkpoint_fits(model: torch.nn.Module, checkpoint: Any, path: str,
     ``complete`` (resume, test): every tensor of the model must be in the file, with its
     shape, and finite. Otherwise (``load_from`` to start a fine-tuning): the method's tensors
     must be all present or all absent (a plain checkpoint), and those present must fit.
-    A checkpoint that records its PEFT methods must record the model's.
+    With ``complete``, a checkpoint that records its PEFT methods must record the model's.
     """
     from ..peft import adapter_state_dict
     state = checkpoint_state_dict(checkpoint, path)
     info = checkpoint.get(CKPT_KEY) if isinstance(checkpoint, dict) else None
     here = peft_methods(model)
-    if isinstance(info, dict) and info.get('methods') is not None and info['methods'] != here:
+    if (complete and isinstance(info, dict) and info.get('methods') is not None
+            and info['methods'] != here):
         changes = describe_changes(info['methods'], here)
         raise CheckpointError(f'{path} was written with other PEFT settings; changed: '
                               f'{"; ".join(changes[:10])}')
