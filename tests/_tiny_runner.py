@@ -102,10 +102,10 @@ class KillAtIterHook(Hook):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def write_pretrained(path: str) -> None:
+def write_pretrained(path: str, seed: int = 123) -> None:
     """A ConvNeXt-V2-atto checkpoint in timm's layout (random weights, fixed seed)."""
     import timm
-    torch.manual_seed(123)
+    torch.manual_seed(seed)
     model = timm.create_model('convnextv2_atto', pretrained=False, num_classes=0)
     torch.save(model.state_dict(), path)
 

@@ -305,6 +305,29 @@ def test_test_run_refuses_incomplete_or_mismatched_checkpoints(pretrained, train
         Runner.from_cfg(cfg).test()
 
 
+def test_test_run_with_an_adapter_file_checks_the_base(pretrained, trained, tmp_path):
+    """FLoRAHook(adapter_checkpoint=...) (what tools/test.py uses for a .safetensors file):
+    the same model as from the full checkpoint; on another base model an error."""
+    adapter = osp.join(trained, 'iter_6_adapter.safetensors')
+    hook = dict(type='FLoRAHook', norm_interval=0, adapter_checkpoint=adapter)
+    from_adapter = Runner.from_cfg(tiny.make_cfg(str(tmp_path / 'a'), pretrained, val=False,
+                                                 hook=hook))
+    from_adapter.test()
+    cfg = tiny.make_cfg(str(tmp_path / 'f'), pretrained, val=False)
+    cfg.load_from = osp.join(trained, 'iter_6.pth')
+    from_full = Runner.from_cfg(cfg)
+    from_full.test()
+    expected = from_full.model.state_dict()
+    got = from_adapter.model.state_dict()
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    other = str(tmp_path / 'other_base.pth')
+    tiny.write_pretrained(other, seed=7)
+    runner = Runner.from_cfg(tiny.make_cfg(str(tmp_path / 'o'), other, val=False, hook=hook))
+    with pytest.raises(CheckpointError, match='iter_6_adapter.safetensors.*fingerprint'):
+        runner.test()
+
+
 def test_adapter_file_must_hold_heads_too(pretrained, trained, tmp_path):
     from safetensors.torch import save_file
     tensors = _final_adapter(trained)

@@ -41,8 +41,8 @@ from torch import nn
 
 from ..peft import build_peft_method, count_parameters, injected_roots
 from ..peft.base import AdapterLayer
-from ..peft.io import (base_fingerprint, base_state_names, save_adapter_checkpoint,
-                       trainable_state_dict)
+from ..peft.io import (base_fingerprint, base_state_names, load_adapter_checkpoint,
+                       save_adapter_checkpoint, trainable_state_dict)
 from ..registry import HOOKS
 from .checkpoint import (ATOMIC_BACKEND, CKPT_KEY, CheckpointError, check_checkpoint_fits,
                          find_resumable_checkpoint, non_finite_tensors, peft_methods,
@@ -132,7 +132,8 @@ class FLoRAHook(Hook):
                  norm_interval: int = 50, group_pattern: str = DEFAULT_GROUP,
                  save_adapter: bool = True, check_trainable: bool = True,
                  check_frozen: bool = True, check_finite: bool = True,
-                 atomic_checkpoints: bool = True, exact_resume: bool = True) -> None:
+                 atomic_checkpoints: bool = True, exact_resume: bool = True,
+                 adapter_checkpoint: str | None = None) -> None:
         if peft is not None:
             build_peft_method(peft)  # validate the config now, not after the Runner is built
         if isinstance(parts, str):
@@ -149,6 +150,7 @@ class FLoRAHook(Hook):
         self.check_finite = check_finite
         self.atomic_checkpoints = atomic_checkpoints
         self.exact_resume = exact_resume
+        self.adapter_checkpoint = adapter_checkpoint
         self._frozen_digest: dict[str, str] | None = None
         self._fingerprint: str | None = None
         self._training = False  # inside Runner.train() (not test/val)
@@ -175,9 +177,27 @@ class FLoRAHook(Hook):
                     f'train outside the PEFT method (e.g. {extra[:5]}), {len(frozen)} method '
                     f'tensors are frozen (e.g. {frozen[:5]})')
         if self._training:
+            if self.adapter_checkpoint is not None:
+                raise ValueError('FLoRAHook(adapter_checkpoint=...) evaluates an adapter file '
+                                 '(test/val runs); training starts from load_from / resume')
             self._resolve_auto_resume(runner)
             if self.atomic_checkpoints:
                 self._use_atomic_backend(runner)
+        elif self.adapter_checkpoint is not None:
+            self._load_adapter_checkpoint(runner, model)
+
+    def _load_adapter_checkpoint(self, runner, model: nn.Module) -> None:
+        """Test/val with an adapter file: the base weights come from the pretrained file
+        (``init_weights``; Runner.test does not call it), the rest from the adapter file,
+        whose base fingerprint must match."""
+        path = self.adapter_checkpoint
+        if hasattr(model, 'init_weights'):
+            model.init_weights()  # PEFTBackbone loads its pretrained file once only
+        try:
+            load_adapter_checkpoint(model, path, strict=True, check_fingerprint=True)
+        except (KeyError, ValueError) as err:
+            raise CheckpointError(f'adapter checkpoint {path}: {err}') from None
+        runner.logger.info(f'FLoRAHook: loaded adapter checkpoint {path}')
 
     def _resolve_auto_resume(self, runner) -> None:
         """Auto ``--resume`` (resume=True, no load_from): mmengine takes ``last_checkpoint`` as
