@@ -247,8 +247,14 @@ def test_sigkill_then_resume_is_bit_identical(pretrained, reference_run, tmp_pat
     proc = _run(killed, pretrained, '--kill-at', 3, check=False)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not osp.exists(killed / 'iter_4.pth')
+    # as if killed between the checkpoint and its adapter file: the resume writes it
+    for name in ('iter_2_adapter.safetensors', 'iter_2_adapter.json'):
+        os.remove(killed / name)
     _run(killed, pretrained, '--resume')
     _assert_identical(reference_run, _final_adapter(killed))
+    state = torch.load(killed / 'iter_2.pth', weights_only=True)['state_dict']
+    adapter = load_file(killed / 'iter_2_adapter.safetensors')
+    assert adapter and all(torch.equal(v, state[k]) for k, v in adapter.items())
 
 
 def test_sigkill_from_outside_at_any_moment(pretrained, reference_run, tmp_path):

@@ -33,7 +33,7 @@ import re
 from collections import OrderedDict
 
 import torch
-from mmengine.dist import is_main_process
+from mmengine.dist import get_world_size, is_main_process
 from mmengine.hooks import CheckpointHook, Hook
 from mmengine.model import BaseTTAModel, is_model_wrapper
 from mmengine.runner import BaseLoop, IterBasedTrainLoop
@@ -270,6 +270,10 @@ class FLoRAHook(Hook):
                 self._write_adapter(runner, model, resumed['path'], resumed['meta'])
         state = resumed['rng']
         if not self.exact_resume or state is None:
+            return
+        if get_world_size() > 1 and getattr(runner, '_randomness_cfg', {}).get('diff_rank_seed'):
+            # only rank 0's state is in the checkpoint; ranks seeded apart keep their seeds
+            runner.logger.warning('FLoRAHook: diff_rank_seed: random state not restored')
             return
         set_rng_state(state)
         loop = runner.train_loop
