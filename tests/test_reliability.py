@@ -178,6 +178,14 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_files(pretrained, tmp_pa
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
+def test_huge_learning_rate_stops_at_the_second_iteration(pretrained, tmp_path):
+    """The issue's case: lr=1e6 makes the loss NaN from iteration 2 on."""
+    cfg = tiny.make_cfg(str(tmp_path), pretrained, max_iters=6, val=False, lr=1e6)
+    with pytest.raises(RuntimeError, match=r'non-finite loss at iteration 2 .*loss=nan'):
+        Runner.from_cfg(cfg).train()
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(('.pth', '.safetensors'))]
+
+
 # ------------------------------------------------------------------------- 3. one unit
 def test_adapter_file_holds_the_checkpoint_state(trained):
     for it in (2, 4, 6):
