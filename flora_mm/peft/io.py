@@ -137,7 +137,7 @@ def load_adapter_checkpoint(model: nn.Module, path: str, strict: bool = True,
         {name: method.to_dict() for name, _, method in injected_roots(model)}, default=str))
     if here != info['methods']:
         from ..engine.checkpoint import describe_changes
-        raise ValueError(f'{path} was written with other PEFT settings than the model has; '
+        raise ValueError(f'{path} was written for other PEFT methods than the model has; '
                          f'changed: {"; ".join(describe_changes(info["methods"], here)[:10])}')
     if check_fingerprint and base_fingerprint(model) != info['base_fingerprint']:
         raise ValueError(f'{path} was trained on another base model (fingerprint mismatch); '
