@@ -90,8 +90,11 @@ def mmengine_safe_globals() -> list:
     dtype_classes = [type(np.dtype(t)) for t in
                      ('float64', 'float32', 'float16', 'int64', 'int32', 'int16', 'int8',
                       'uint8', 'bool')]
+    # files written under numpy 1.x name the same functions ``numpy.core.multiarray.*``
+    aliases = [(multiarray._reconstruct, 'numpy.core.multiarray._reconstruct'),
+               (multiarray.scalar, 'numpy.core.multiarray.scalar')]
     return [np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar, HistoryBuffer,
-            *dtype_classes, (_limited_getattr, 'builtins.getattr')]
+            *dtype_classes, *aliases, (_limited_getattr, 'builtins.getattr')]
 
 
 @contextlib.contextmanager
@@ -133,10 +136,10 @@ def load_checkpoint_file(path: str, map_location: Any = 'cpu') -> Any:
         name = _offending_global(path, str(err))
         if 'Unsupported' in str(err) or 'not allowed' in str(err) or 'GLOBAL' in str(err):
             raise UnsafeCheckpointError(
-                f'refusing to load {path}: it needs {name}, which could run code when '
-                'unpickled; only tensors, plain Python values and the numpy / HistoryBuffer '
-                'objects of mmengine checkpoints are allowed. Re-save the file with plain '
-                'values, or load it only if you trust it, outside flora_mm') from None
+                f'refusing to load {path}: it needs {name}, which is not on the allowed list '
+                '(unpickling arbitrary objects can run code). Allowed: tensors, plain Python '
+                'values and, inside flora_mm.engine.mmengine_checkpoint_globals() (the tools '
+                'run in it), the numpy / HistoryBuffer objects of mmengine checkpoints') from None
         raise CheckpointError(f'cannot read checkpoint {path} (corrupt?): {err}') from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
         raise CheckpointError(f'cannot read checkpoint {path} (truncated or corrupt?): '
