@@ -114,6 +114,20 @@ def test_malicious_file_refused_on_every_path(pretrained, trained, tmp_path):
     assert not marker.exists()
 
 
+def test_allow_list_is_scoped(tmp_path):
+    """Importing flora_mm adds nothing to torch's allow-list; the context adds it only inside."""
+    from mmengine.logging import HistoryBuffer
+    before = list(torch.serialization.get_safe_globals())
+    assert HistoryBuffer not in before
+    with mmengine_checkpoint_globals():
+        assert HistoryBuffer in torch.serialization.get_safe_globals()
+    assert list(torch.serialization.get_safe_globals()) == before
+    # a file of plain tensors loads through mmengine's loader exactly as with torch's
+    torch.save({'w': torch.arange(3.)}, tmp_path / 'plain.pth')
+    loaded = CheckpointLoader.load_checkpoint(str(tmp_path / 'plain.pth'), map_location='cpu')
+    assert torch.equal(loaded['w'], torch.arange(3.))
+
+
 def test_getattr_is_limited(tmp_path):
     path = tmp_path / 'getattr.pth'
     torch.save({'x': GetattrPayload()}, path)
