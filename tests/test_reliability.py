@@ -211,7 +211,8 @@ def test_adapter_file_holds_the_checkpoint_state(trained):
     assert not glob.glob(osp.join(trained, '.tmp-*'))
 
 
-def test_auto_resume_falls_back_to_the_newest_complete_checkpoint(trained, tmp_path):
+def test_auto_resume_falls_back_to_the_newest_complete_checkpoint(pretrained, trained,
+                                                                   tmp_path):
     work = tmp_path / 'w'
     work.mkdir()
     for it in (2, 4):
@@ -229,6 +230,12 @@ def test_auto_resume_falls_back_to_the_newest_complete_checkpoint(trained, tmp_p
     assert find_resumable_checkpoint(str(work), log) == str(work / 'iter_2.pth')
     (work / 'last_checkpoint').write_text(str(work / 'gone.pth'))  # dangling
     assert find_resumable_checkpoint(str(work), log) == str(work / 'iter_2.pth')
+    os.remove(work / 'iter_2.pth')  # nothing complete left: an error, not a fresh start
+    assert find_resumable_checkpoint(str(work), log) is None
+    cfg = tiny.make_cfg(str(work), pretrained, max_iters=2, val=False)
+    cfg.resume = True
+    with pytest.raises(CheckpointError, match='no complete checkpoint'):
+        Runner.from_cfg(cfg).train()
 
 
 # ------------------------------------------------------------------------- 4. exact resume

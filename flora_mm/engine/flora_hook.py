@@ -209,6 +209,10 @@ class FLoRAHook(Hook):
             runner.work_dir, log=lambda message, level: runner.logger.log(level, message))
         if path is not None:
             runner._load_from = path
+        elif osp.isfile(osp.join(runner.work_dir, 'last_checkpoint')):
+            # mmengine would go on with what last_checkpoint names (or an empty path)
+            raise CheckpointError(f'--resume: no complete checkpoint in {runner.work_dir}, '
+                                  'although last_checkpoint says there was one (see above)')
 
     @staticmethod
     def _use_atomic_backend(runner) -> None:
