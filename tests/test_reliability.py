@@ -153,7 +153,7 @@ def test_plain_mmengine_checkpoint_needs_the_scoped_allow_list(pretrained, tmp_p
         loaded = CheckpointLoader.load_checkpoint(ckpt, map_location='cpu')
         assert loaded['meta']['iter'] == 2
         cfg = tiny.make_cfg(str(tmp_path / 'resumed'), pretrained, max_iters=4, val=False)
-        cfg.update(load_from=ckpt, resume=True)
+        cfg.update(load_from=ckpt, resume=True, custom_hooks=[])  # as it was written
         runner = Runner.from_cfg(cfg)
         runner.train()
     assert runner.iter == 4
