@@ -25,7 +25,6 @@ import os.path as osp
 import pickle
 import random
 import re
-import tempfile
 import zipfile
 from collections import Counter, OrderedDict
 from typing import Any, Callable, Iterator
@@ -34,6 +33,8 @@ import numpy as np
 import torch
 from mmengine.fileio.backends import LocalBackend, register_backend
 from mmengine.logging import HistoryBuffer, print_log
+
+from ..utils import atomic_paths, short_list
 
 #: name of the file backend that writes atomically (``CheckpointHook(backend_args=...)``)
 ATOMIC_BACKEND = 'flora_mm_atomic_local'
@@ -246,20 +247,9 @@ class AtomicLocalBackend(LocalBackend):
     reader (or a resume after a kill) never sees a half-written checkpoint."""
 
     def put(self, obj: bytes, filepath) -> None:
-        filepath = os.fspath(filepath)
-        directory = osp.dirname(osp.abspath(filepath))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-', suffix=osp.basename(filepath))
-        try:
-            with os.fdopen(fd, 'wb') as f:
+        with atomic_paths(os.fspath(filepath)) as (tmp,):
+            with open(tmp, 'wb') as f:
                 f.write(obj)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, filepath)
-        except BaseException:
-            if osp.exists(tmp):
-                os.remove(tmp)
-            raise
 
 
 # registered under its own name only: nothing changes for code that does not ask for it
@@ -330,12 +320,6 @@ def find_resumable_checkpoint(work_dir: str,
 
 
 # ----------------------------------------------------------------------------- fit checks
-def _short(items, n: int = 5) -> str:
-    items = list(items)
-    return '[' + ', '.join(items[:n]) + (f', ... ({len(items)} in all)' if len(items) > n
-                                         else '') + ']'
-
-
 def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
     """Names of the floating-point tensors holding NaN or Inf."""
     return [k for k, v in tensors.items()
@@ -417,11 +401,11 @@ def check_checkpoint_fits(model: torch.nn.Module, checkpoint: Any, path: str,
             cause = ('the file has no tensors of the PEFT method: a plain or merged checkpoint '
                      '(test a merged file with the config merge_adapters wrote beside it)')
         raise CheckpointError(
-            f'{path} does not fit the model: {len(missing)} missing tensors {_short(missing)}, '
-            f'{len(mismatched)} with another shape {_short(mismatched, 3)}; likely cause: '
+            f'{path} does not fit the model: {len(missing)} missing tensors [{short_list(missing)}], '
+            f'{len(mismatched)} with another shape [{short_list(mismatched, 3)}]; likely cause: '
             f'{cause}')
     if complete:
         bad = non_finite_tensors({k: state[k] for k in own if k in state})
         if bad:
             raise CheckpointError(f'{path} holds non-finite values (NaN/Inf) in {len(bad)} '
-                                  f'tensors {_short(bad)}: the run that wrote it diverged')
+                                  f'tensors [{short_list(bad)}]: the run that wrote it diverged')
