@@ -401,9 +401,9 @@ def check_checkpoint_fits(model: torch.nn.Module, checkpoint: Any, path: str,
             cause = ('the file has no tensors of the PEFT method: a plain or merged checkpoint '
                      '(test a merged file with the config merge_adapters wrote beside it)')
         raise CheckpointError(
-            f'{path} does not fit the model: {len(missing)} missing tensors [{short_list(missing)}], '
-            f'{len(mismatched)} with another shape [{short_list(mismatched, 3)}]; likely cause: '
-            f'{cause}')
+            f'{path} does not fit the model: {len(missing)} missing tensors '
+            f'[{short_list(missing)}], {len(mismatched)} with another shape '
+            f'[{short_list(mismatched, 3)}]; likely cause: {cause}')
     if complete:
         bad = non_finite_tensors({k: state[k] for k in own if k in state})
         if bad:
