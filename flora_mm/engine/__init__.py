@@ -2,7 +2,8 @@ from ..peft.inspection import parameter_table, update_norms  # re-exported (form
 from .checkpoint import (CheckpointError, UnsafeCheckpointError, find_resumable_checkpoint,
                          load_checkpoint_file, mmengine_checkpoint_globals)
 from .flora_hook import FLoRAHook
+from .optim_constructor import LayerDecayOptimWrapperConstructor
 
-__all__ = ['FLoRAHook', 'parameter_table', 'update_norms', 'CheckpointError',
-           'UnsafeCheckpointError', 'find_resumable_checkpoint', 'load_checkpoint_file',
-           'mmengine_checkpoint_globals']
+__all__ = ['FLoRAHook', 'LayerDecayOptimWrapperConstructor', 'parameter_table', 'update_norms',
+           'CheckpointError', 'UnsafeCheckpointError', 'find_resumable_checkpoint',
+           'load_checkpoint_file', 'mmengine_checkpoint_globals']

@@ -1,6 +1,6 @@
 """LoRA (Hu et al. 2021; FLoRA paper eq. 1-3) on the same mechanism as FLoRA.
 
-Linear: ``dW = (alpha / r) * B A`` with A (r x in), B (out x r), run as the factored path.
+Linear: ``dW = (alpha / r) * B A`` with A (r x in), B (out x r), run factored on wide layers.
 Conv: the same matrix over the flattened weight (out x (in/groups)*k*...) reshaped to the weight's
 shape (paper eq. 3), one convolution with W0 + dW. Because the input side is in/groups, grouped
 and depthwise convs are adapted and merge exactly (peft's conv LoRA cannot merge them).
@@ -18,15 +18,20 @@ from ..registry import PEFT_METHODS
 from .base import AdapterLayer, PEFTConfigError, PEFTMethod, check_positive_int, kaiming_uniform_
 
 
+#: peft's ``LoraConfig.lora_alpha`` default: scaling alpha / r = 8 / r
+DEFAULT_ALPHA = 8.0
+
+
 class LoRALayer(AdapterLayer):
     adapter_prefixes = ('lora_A', 'lora_B')
 
-    def __init__(self, base: nn.Module, rank: int = 8, alpha: float | None = None,
+    def __init__(self, base: nn.Module, rank: int = 8, alpha: float | None = DEFAULT_ALPHA,
                  dropout: float = 0.0) -> None:
         super().__init__(base, dropout=dropout)
         shape = self.weight.shape
         fan_in = math.prod(shape[1:])  # (in/groups) * kernel volume
         self.rank = int(rank)
+        # peft: scaling = lora_alpha / r; alpha=None keeps the older alpha = r (scaling 1)
         self.scaling = (float(alpha) if alpha is not None else float(rank)) / self.rank
         dev = self.weight.device
         self.lora_A = nn.Parameter(torch.empty(self.rank, fan_in, device=dev, dtype=torch.float32))
@@ -46,15 +51,18 @@ class LoRALayer(AdapterLayer):
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * self.lora_matrix()
 
-    def linear_branch(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.to(self.lora_A.dtype) @ self.lora_A.transpose(0, 1)
-        return self.scaling * (h @ self.lora_B.transpose(0, 1))
+    def factored_rank(self) -> int | None:
+        return self.rank if self.kind == 'Linear' else None
+
+    def linear_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """x dW^T = (x A^T)(scaling B)^T: down = A^T (in x r), up = (scaling B)^T (r x out)."""
+        return self.lora_A.transpose(0, 1), (self.scaling * self.lora_B).transpose(0, 1)
 
 
 @dataclass
 class _LowRankMatrixMethod(PEFTMethod):
     rank: int = 8
-    alpha: float | None = None
+    alpha: float | None = DEFAULT_ALPHA
     dropout: float = 0.0
 
     layer_fields: ClassVar = ('rank', 'alpha', 'dropout')
@@ -70,6 +78,7 @@ class _LowRankMatrixMethod(PEFTMethod):
 @PEFT_METHODS.register_module()
 @dataclass
 class LoRA(_LowRankMatrixMethod):
-    """``rank`` r, ``alpha`` (scaling alpha / r as in peft; None means alpha = r)."""
+    """``rank`` r, ``alpha`` (scaling alpha / r; default 8 as peft's ``lora_alpha``; None means
+    alpha = r, i.e. scaling 1)."""
 
     layer_cls: ClassVar = LoRALayer
