@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 import flora_mm  # noqa: F401
 from flora_mm.engine.checkpoint import (CheckpointError, UnsafeCheckpointError,
                                         find_resumable_checkpoint, load_checkpoint_file,
-                                        mmengine_checkpoint_globals)
+                                        mmengine_checkpoint_globals, mmengine_safe_globals)
 from flora_mm.peft import PEFTConfigError, inject_adapters
 from flora_mm.peft.io import load_adapter_checkpoint
 
@@ -106,6 +106,9 @@ def test_malicious_file_refused_on_every_path(pretrained, trained, tmp_path):
     cfg.resume = True
     with pytest.raises(UnsafeCheckpointError, match='iter_2.pth'):
         Runner.from_cfg(cfg).train()
+    # the pretrained file (read by PEFTBackbone while the Runner builds the model)
+    with pytest.raises(Exception, match=r'refusing to load .*evil\.pth'):
+        Runner.from_cfg(tiny.make_cfg(str(tmp_path / 'pre'), evil, max_iters=2, val=False))
     # the checkpoint of a test run
     cfg = tiny.make_cfg(str(tmp_path / 'test'), pretrained, val=False)
     cfg.load_from = evil
@@ -121,7 +124,10 @@ def test_allow_list_is_scoped(tmp_path):
     assert HistoryBuffer not in before
     with mmengine_checkpoint_globals():
         assert HistoryBuffer in torch.serialization.get_safe_globals()
-    assert list(torch.serialization.get_safe_globals()) == before
+    after = torch.serialization.get_safe_globals()  # torch may add its own entries lazily
+    ours = [g[0] if isinstance(g, tuple) else g for g in mmengine_safe_globals()]
+    assert not [g for g in after if (g[0] if isinstance(g, tuple) else g) in ours]
+    assert not [g for g in before if (g[0] if isinstance(g, tuple) else g) in ours]
     # a file of plain tensors loads through mmengine's loader exactly as with torch's
     torch.save({'w': torch.arange(3.)}, tmp_path / 'plain.pth')
     loaded = CheckpointLoader.load_checkpoint(str(tmp_path / 'plain.pth'), map_location='cpu')
