@@ -7,17 +7,21 @@ extension points.
 
 1. mmrotate 1.0.0rc1 does ``from collections import Sequence`` (removed in Python 3.10): the
    ``collections.abc`` names are aliased into ``collections``.
-2. mmengine 0.10.7 calls ``torch.load(path)``; since torch 2.6 that means ``weights_only=True``,
-   which refuses mmengine's own checkpoints (they carry message-hub state and numpy metadata),
-   so ``--resume`` and ``load_from`` fail. mmengine's local-file loader is re-registered through
-   its ``CheckpointLoader.register_scheme`` hook with the pre-2.6 behaviour (``weights_only=False``)
-   — as before torch 2.6, load only checkpoints you trust.
+2. mmengine 0.10.7's local checkpoint loader calls ``torch.load(path)``, which torch >= 2.6 runs
+   as ``weights_only=True`` unless ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is set, and whose errors
+   do not name the file. It is re-registered (mmengine's ``CheckpointLoader.register_scheme``,
+   process-wide) with ``flora_mm.engine.checkpoint.safe_load_from_local``, which only makes
+   loading safer: it passes ``weights_only=True`` explicitly (the environment variable cannot
+   turn it off) and names the file and the refused global in its errors. It allows nothing
+   beyond torch's own list, so for other code the same files load with the same result. The
+   extra objects of mmengine's own checkpoints (numpy metadata, HistoryBuffer) are allowed only
+   inside ``flora_mm.engine.mmengine_checkpoint_globals()``, a scoped context the tools enter;
+   the checkpoints flora_mm writes need none of them (FLoRAHook stores plain values).
 3. mmengine imports ``pkg_resources`` (setuptools pinned below 81 for it) to resolve
    ``mmdet::``-style config bases; its deprecation warning on every import is silenced.
 """
 import collections
 import collections.abc
-import os.path as osp
 import warnings
 
 warnings.filterwarnings('ignore', message='pkg_resources is deprecated', category=UserWarning)
@@ -28,14 +32,12 @@ for _name in ('Sequence', 'Mapping', 'MutableMapping', 'Iterable', 'Callable'):
 
 
 def _register_local_checkpoint_loader() -> None:
-    import torch
     from mmengine.runner.checkpoint import CheckpointLoader
 
+    from .engine.checkpoint import safe_load_from_local
+
     def load_from_local(filename, map_location):  # name matters: mmengine logs name[10:]
-        filename = osp.expanduser(filename)
-        if not osp.isfile(filename):
-            raise FileNotFoundError(f'{filename} can not be found.')
-        return torch.load(filename, map_location=map_location, weights_only=False)
+        return safe_load_from_local(filename, map_location)
 
     CheckpointLoader.register_scheme(prefixes='', loader=load_from_local, force=True)
 

@@ -335,3 +335,73 @@ def test_merge_other_tasks_in_process(config, tmp_path):
     with torch.no_grad():
         for a, b in zip(model.extract_feat(x), merged.extract_feat(x)):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- issue 8
+class _Payload:
+    """Unpickling this runs a shell command that creates ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.marker}',)
+
+
+def test_merge_refuses_bad_out_unsafe_and_non_finite_inputs(trained, tmp_path):
+    """Bad OUT paths fail before any work; a checkpoint whose unpickling would run code is
+    refused by name (and nothing runs); NaN tensors are refused; nothing is written."""
+    from safetensors.torch import load_file, save_file
+    # OUT: a directory, no .pth -- refused before the (missing) checkpoint is even looked at
+    for bad_out, message in ((str(tmp_path), 'directory'), (str(tmp_path / 'merged'), '.pth')):
+        with pytest.raises(MergeError, match=message):
+            merge(TINY_COCO, str(tmp_path / 'missing.pth'), bad_out)
+    out = str(tmp_path / 'out' / 'merged.pth')
+    marker = tmp_path / 'PWNED'
+    evil = tmp_path / 'evil.pth'
+    torch.save({'state_dict': {}, 'meta': {'x': _Payload(marker)}}, evil)
+    with pytest.raises(MergeError, match=r'evil\.pth.*(posix|os)\.system'):
+        merge(TINY_COCO, str(evil), out)
+    assert not marker.exists()
+    # NaN in a full checkpoint and in an adapter file
+    ckpt = torch.load(trained['full'], weights_only=True)
+    key = next(k for k in ckpt['state_dict'] if 'flora_core' in k)
+    ckpt['state_dict'][key].view(-1)[0] = float('nan')
+    torch.save(ckpt, tmp_path / 'nan.pth')
+    with pytest.raises(MergeError, match=r'non-finite.*flora_core'):
+        merge(TINY_COCO, str(tmp_path / 'nan.pth'), out)
+    tensors = load_file(trained['adapter'])
+    tensors[key].view(-1)[0] = float('inf')
+    save_file(tensors, str(tmp_path / 'nan_adapter.safetensors'))
+    with open(trained['adapter'][:-len('.safetensors')] + '.json') as src, \
+            open(tmp_path / 'nan_adapter.json', 'w') as dst:
+        dst.write(src.read())
+    with pytest.raises(MergeError, match=r'non-finite.*flora_core'):
+        merge(TINY_COCO, str(tmp_path / 'nan_adapter.safetensors'), out, cfg_options={
+            'model.backbone.backbone.init_cfg.checkpoint': trained['pretrained']})
+    assert not osp.exists(tmp_path / 'out')
+
+
+def test_test_tool_paths(trained, tmp_path, monkeypatch):
+    """tools/test.py (flora_mm.apis.test): a full checkpoint needs no pretrained file; an
+    adapter file is checked against its base; an unsafe file is refused."""
+    from flora_mm.apis import test
+    from flora_mm.engine import CheckpointError, UnsafeCheckpointError
+    monkeypatch.chdir(trained['root'])  # the tiny config's data paths are relative
+    gone = {'model.backbone.backbone.init_cfg.checkpoint': str(tmp_path / 'gone.pth')}
+    # (the tiny model finds no boxes after 2 iterations: metrics are empty; that both runs
+    # complete is the point, tests/test_reliability.py compares the loaded weights)
+    assert isinstance(test(TINY_COCO, trained['full'], work_dir=str(tmp_path / 'a'),
+                           cfg_options=gone), dict)
+    with_base = {'model.backbone.backbone.init_cfg.checkpoint': trained['pretrained']}
+    assert isinstance(test(TINY_COCO, trained['adapter'], work_dir=str(tmp_path / 'b'),
+                           cfg_options=with_base), dict)
+    other = generate_checkpoints(str(tmp_path / 'other'), seed=1)['convnextv2_atto']
+    with pytest.raises(CheckpointError, match='fingerprint'):
+        test(TINY_COCO, trained['adapter'], work_dir=str(tmp_path / 'c'), cfg_options={
+            'model.backbone.backbone.init_cfg.checkpoint': str(other)})
+    marker = tmp_path / 'PWNED'
+    torch.save({'state_dict': {}, 'meta': {'x': _Payload(marker)}}, tmp_path / 'evil.pth')
+    with pytest.raises(UnsafeCheckpointError, match='evil.pth'):
+        test(TINY_COCO, str(tmp_path / 'evil.pth'), work_dir=str(tmp_path / 'd'))
+    assert not marker.exists()

@@ -47,7 +47,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         epilog=__doc__.split('\n\n', 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('config', help='the config the checkpoint was trained with')
     parser.add_argument('checkpoint', help='full .pth of tools/train.py, or *_adapter.safetensors')
-    parser.add_argument('out', help='merged checkpoint to write (config: same name, .py)')
+    parser.add_argument('out', help='merged checkpoint to write, a .pth path (its config: same '
+                        'name, .py)')
     parser.add_argument('--adapter', action='store_true',
                         help='CHECKPOINT is adapter-only (default: when it ends in .safetensors)')
     parser.add_argument('--plain-keys', action='store_true',

@@ -20,7 +20,8 @@ from flora_mm.apis import add_runner_args, parse_with_local_rank, test  # noqa: 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description='Test (and eval) a model')
     parser.add_argument('config', help='test config file path')
-    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('checkpoint', help='checkpoint file (.pth), or an adapter file '
+                        '(*_adapter.safetensors + .json) evaluated on the pretrained base')
     parser.add_argument('--work-dir',
                         help='the directory to save the file containing evaluation metrics')
     parser.add_argument(

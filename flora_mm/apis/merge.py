@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
+import os
 import os.path as osp
 from collections import OrderedDict
 from typing import Any, Optional
@@ -24,9 +26,10 @@ import mmengine
 import torch
 from mmengine.config import Config
 from mmengine.logging import print_log
-from mmengine.runner.checkpoint import CheckpointLoader
 from torch import nn
 
+from ..engine.checkpoint import (CheckpointError, load_checkpoint_file,
+                                 mmengine_checkpoint_globals, non_finite_tensors)
 from ..models.convnextv2 import ConvNeXtV2, mmpretrain_convnext_cfg, timm_to_mmpretrain
 from ..peft import adapter_layers, injected_roots, remove_adapters
 from ..peft.io import load_adapter_checkpoint, read_adapter_info
@@ -52,10 +55,11 @@ def is_adapter_checkpoint(path: str, adapter_flag: bool) -> bool:
 
 def load_full_checkpoint(model: nn.Module, path: str, config: str) -> dict:
     """Load a tools/train.py checkpoint strictly; returns its ``meta``."""
-    try:
-        ckpt = CheckpointLoader.load_checkpoint(path, map_location='cpu')
-    except Exception as err:  # noqa: BLE001  (any unreadable file)
-        raise MergeError(f'cannot read checkpoint {path}: {err}') from err
+    try:  # weights_only, with the objects of plain mmengine checkpoints allowed (only)
+        with mmengine_checkpoint_globals():
+            ckpt = load_checkpoint_file(path, map_location='cpu')
+    except CheckpointError as err:  # names the file (and the refused object)
+        raise MergeError(str(err)) from None
     state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise MergeError(f'{path} holds no state dict')
@@ -71,6 +75,10 @@ def load_full_checkpoint(model: nn.Module, path: str, config: str) -> dict:
             f', {len(unexpected)} unexpected keys [{short_list(unexpected)}], {len(mismatched)} '
             f'shape mismatches (file vs model) [{short_list(mismatched)}]. Was it trained with '
             'this config (same PEFT method, rank, model size)?')
+    bad = non_finite_tensors(state)
+    if bad:
+        raise MergeError(f'{path} holds non-finite values (NaN/Inf) in {len(bad)} tensors '
+                         f'[{short_list(bad)}]: the run that wrote it diverged')
     model.load_state_dict(state, strict=True)
     meta = ckpt.get('meta', {}) if isinstance(ckpt, dict) else {}
     return meta if isinstance(meta, dict) else {}
@@ -113,6 +121,8 @@ def verify(ref: list[torch.Tensor], got: list[torch.Tensor], fp32: bool) -> floa
                          f'adapted one {[tuple(t.shape) for t in ref]}')
     err = max(float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
               for a, b in zip(ref, got))
+    if not math.isfinite(err):  # NaN passes every `>` test
+        raise MergeError('verification failed: the backbone outputs are not finite (NaN/Inf)')
     if fp32 and err > 1e-3:
         raise MergeError(f'verification failed: the written backbone differs from the adapted '
                          f'one by {err:.2e} (relative max abs)')
@@ -192,6 +202,22 @@ def merged_config(cfg: Config, backbone_cfg: Optional[dict], needs_flora_mm: boo
     return Config(d)
 
 
+def check_out_path(out: str) -> None:
+    """OUT is refused before any work unless it is a ``.pth`` file path whose folder exists or
+    can be created."""
+    if osp.isdir(out) or out.endswith(('/', os.sep)):
+        raise MergeError(f'OUT is a directory: {out}; give the checkpoint file to write, e.g. '
+                         f'{osp.join(out, "merged.pth")}')
+    if not out.endswith('.pth'):
+        raise MergeError(f'OUT must be a .pth file (the config is written beside it as .py), '
+                         f'got {out}; e.g. {osp.splitext(out)[0]}.pth')
+    parent = osp.dirname(osp.abspath(out))
+    while not osp.exists(parent):
+        parent = osp.dirname(parent)
+    if not osp.isdir(parent) or not os.access(parent, os.W_OK):
+        raise MergeError(f'cannot write OUT {out}: {parent} is not a writable folder')
+
+
 def out_config_path(out: str) -> str:
     return osp.splitext(out)[0] + '.py'
 
@@ -269,9 +295,8 @@ def merge(config: str, checkpoint: str, out: str, adapter: bool = False,
     Returns a summary: written paths, backbone type, merged layers, verification error.
     Raises MergeError for bad input; nothing is written then.
     """
+    check_out_path(out)
     out_cfg = out_config_path(out)
-    if out.endswith('.py'):
-        raise MergeError(f'OUT must be the checkpoint path (e.g. merged.pth), got {out}')
     if not osp.isfile(checkpoint):
         raise MergeError(f'checkpoint not found: {checkpoint}')
     for path in (out, out_cfg):

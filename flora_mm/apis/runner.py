@@ -6,6 +6,7 @@ the mmseg 1.2.2 and mmrotate 1.0.0rc1 ones); ``--out`` follows the config's pack
 from __future__ import annotations
 
 import logging
+import os.path as osp
 import warnings
 from copy import deepcopy
 from typing import Optional
@@ -15,8 +16,10 @@ from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
+from ..engine.checkpoint import mmengine_checkpoint_globals
 from .config import (adapt_to_cpu_distributed, get_scope, init_cpu_process_group,
                      load_runner_config)
+from .model import is_flora_hook
 
 
 def build_runner(cfg: Config) -> Runner:
@@ -73,7 +76,10 @@ def train(config: str, work_dir: Optional[str] = None, resume: Optional[str] = N
         enable_auto_scale_lr(cfg)
     apply_resume(cfg, resume)
     runner = build_runner(cfg)
-    runner.train()
+    # checkpoints written by plain mmengine (resume, load_from) carry numpy / HistoryBuffer
+    # objects: allowed for this run only (flora_mm.engine.checkpoint)
+    with mmengine_checkpoint_globals():
+        runner.train()
     return runner
 
 
@@ -155,13 +161,49 @@ def add_dump_metric(runner: Runner, scope: str, out: str) -> None:
     runner.test_evaluator.metrics.append(Dump(out_file_path=out))
 
 
+def _peft_backbones(node) -> list:
+    """Every ``type='PEFTBackbone'`` dict in a model config (also inside a TTA wrapper)."""
+    found = []
+    if isinstance(node, dict):
+        if node.get('type') == 'PEFTBackbone':
+            found.append(node)
+        for value in node.values():
+            found += _peft_backbones(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            found += _peft_backbones(value)
+    return found
+
+
+def use_checkpoint(cfg: Config, checkpoint: str) -> None:
+    """What to test: a full checkpoint holds every weight, so the pretrained file is not read
+    (FLoRAHook checks on load that the file does hold every tensor, finite, with its shape);
+    an adapter file (``*.safetensors``) is loaded by FLoRAHook onto the pretrained base, whose
+    fingerprint must match the one recorded with the adapters."""
+    if not osp.isfile(checkpoint):
+        raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
+    hooks = [h for h in cfg.get('custom_hooks', None) or [] if is_flora_hook(h)]
+    if checkpoint.endswith('.safetensors'):
+        cfg.load_from = None
+        if not hooks:
+            cfg.custom_hooks = list(cfg.get('custom_hooks', None) or []) + [
+                dict(type='FLoRAHook', norm_interval=0)]
+            hooks = cfg.custom_hooks[-1:]
+        for hook in hooks:
+            hook['adapter_checkpoint'] = checkpoint
+        return
+    cfg.load_from = checkpoint
+    for backbone in _peft_backbones(cfg.model):
+        backbone['load_pretrained'] = False
+
+
 def test(config: str, checkpoint: str, work_dir: Optional[str] = None, out: Optional[str] = None,
          show: bool = False, show_dir: Optional[str] = None, wait_time: float = 2,
          tta: bool = False, cfg_options: Optional[dict] = None, launcher: str = 'none') -> dict:
     """Evaluate ``checkpoint`` with ``config`` as ``tools/test.py`` does; returns the metrics."""
     cfg = load_runner_config(config, cfg_options, launcher, work_dir)
     scope = get_scope(cfg)
-    cfg.load_from = checkpoint
+    use_checkpoint(cfg, checkpoint)
     if show or show_dir:
         cfg = trigger_visualization_hook(cfg, show, show_dir, wait_time)
     if tta:
@@ -171,7 +213,8 @@ def test(config: str, checkpoint: str, work_dir: Optional[str] = None, out: Opti
     runner = build_runner(cfg)
     if out is not None and scope != 'mmseg':
         add_dump_metric(runner, scope, out)
-    return runner.test()
+    with mmengine_checkpoint_globals():
+        return runner.test()
 
 
 # not a test function, whatever pytest's collection rules say when this is imported by a test

@@ -350,6 +350,7 @@ class PEFTMethod:
         if self.uses_targets and not selected:
             raise PEFTConfigError(
                 f'{self.name}: targets {self.targets} match no layer of {type(module).__name__}')
+        self.check_overrides_match(module, [n for n, _ in selected])
         layer_names = []
         if self.layer_cls is not None:
             clamps: list[str] = []
@@ -371,6 +372,16 @@ class PEFTMethod:
             params[pname].requires_grad_(True)
         set_injection_state(module, InjectionState(self, list(trainable)))
         return layer_names
+
+    def check_overrides_match(self, module: nn.Module, names: list[str]) -> None:
+        """An override whose pattern matches none of the target layers is a config error
+        (a typo there would silently train every layer with the defaults)."""
+        for ov in self.overrides:
+            if not any(re.search(ov['pattern'], n) for n in names):
+                raise PEFTConfigError(
+                    f'{self.name}: override pattern {ov["pattern"]!r} matches none of the '
+                    f'{len(names)} target layers of {type(module).__name__} (e.g. '
+                    f'{names[:3]})')
 
     def saved_module_parameter_names(self, module: nn.Module) -> list[str]:
         names = []

@@ -79,6 +79,10 @@ def save_adapter_checkpoint(model: nn.Module, path: str, meta: dict[str, Any] | 
     if not path.endswith('.safetensors'):
         raise ValueError(f'adapter checkpoint path must end with .safetensors: {path}')
     tensors = {k: v.contiguous().cpu().clone() for k, v in trainable_state_dict(model).items()}
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f'refusing to write {path}: {len(bad)} tensors hold NaN/Inf '
+                         f'(e.g. {bad[:5]})')
     info = dict(
         format=FORMAT,
         methods={name: method.to_dict() for name, _, method in injected_roots(model)},
@@ -99,8 +103,11 @@ def read_adapter_info(path: str) -> dict:
     json_path = path[:-len('.safetensors')] + '.json'
     if not os.path.isfile(json_path):
         raise FileNotFoundError(f'adapter checkpoint {path} has no sidecar {json_path}')
-    with open(json_path) as f:
-        info = json.load(f)
+    try:
+        with open(json_path) as f:
+            info = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f'{json_path}: not valid JSON (truncated?): {err}') from None
     if info.get('format') != FORMAT:
         raise ValueError(f'{json_path}: not a flora_mm adapter checkpoint ({info.get("format")})')
     return info
@@ -118,18 +125,40 @@ def load_adapter_checkpoint(model: nn.Module, path: str, strict: bool = True,
     here = json.loads(json.dumps(
         {name: method.to_dict() for name, _, method in injected_roots(model)}, default=str))
     if here != info['methods']:
-        raise ValueError(f'{path} was written for PEFT methods {info["methods"]}, '
-                         f'the model has {here}')
+        from ..engine.checkpoint import describe_changes
+        raise ValueError(f'{path} was written for other PEFT methods than the model has; '
+                         f'changed: {"; ".join(describe_changes(info["methods"], here)[:10])}')
     if check_fingerprint and base_fingerprint(model) != info['base_fingerprint']:
         raise ValueError(f'{path} was trained on another base model (fingerprint mismatch); '
                          'load the same pretrained weights first or pass check_fingerprint=False')
-    tensors = load_file(path)
+    try:
+        tensors = load_file(path)
+    except Exception as err:  # noqa: BLE001  (safetensors raises its own error types)
+        raise ValueError(f'cannot read adapter checkpoint {path} (truncated or corrupt?): '
+                         f'{err}') from None
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f'{path} holds non-finite values (NaN/Inf) in {len(bad)} tensors '
+                         f'(e.g. {bad[:5]}): the run that wrote it diverged')
+    expected = trainable_state_dict(model)
+    if strict:
+        missing = [k for k in expected if k not in tensors]
+        unexpected = [k for k in tensors if k not in expected]
+        if missing or unexpected:
+            raise KeyError(
+                f'{path} does not fit the model: {len(missing)} missing tensors '
+                f'{missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]} (written for '
+                'another head / neck / model size, or from one shard or rank only?)')
+    mismatched = [f'{k} {tuple(v.shape)} in the file, {tuple(expected[k].shape)} in the model'
+                  for k, v in tensors.items() if k in expected
+                  and tuple(v.shape) != tuple(expected[k].shape)]
+    if mismatched:
+        raise ValueError(f'{path} does not fit the model: {len(mismatched)} tensors with '
+                         f'another shape {mismatched[:3]} (other rank or model size?)')
     adapters = set(adapter_state_dict(model))
     load_adapter_state_dict(model, {k: v for k, v in tensors.items() if k in adapters},
                             strict=strict)
-    rest = {k: v for k, v in tensors.items() if k not in adapters}
-    result = model.load_state_dict(rest, strict=False)
-    if strict and result.unexpected_keys:
-        raise KeyError(f'{path}: tensors the model does not have: {result.unexpected_keys[:10]}')
+    rest = {k: v for k, v in tensors.items() if k not in adapters and k in expected}
+    model.load_state_dict(rest, strict=False)
     return info
 
