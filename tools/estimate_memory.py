@@ -1,0 +1,55 @@
+"""Per-GPU static memory of a config's training run (parameters, gradients, optimizer states).
+
+    python tools/estimate_memory.py CONFIG [CONFIG ...] [--gpus N] [--strategy ddp|fsdp]
+        [--device-gib 80] [--cfg-options k=v ...] [--json]
+
+Builds the model on the meta device (no memory, no checkpoint); ``--strategy`` defaults to the
+config's own (FSDP when its ``model_wrapper_cfg`` is ``FullyShardedModel``). Activations are not
+included. See flora_mm/apis/memory.py for what each figure counts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Optional, Sequence
+
+import _common as common  # noqa: F401  (imports flora_mm first: compat shims + registration)
+from mmengine.config import Config, DictAction
+
+from flora_mm.apis.memory import STRATEGIES, format_plan, plan_config
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('configs', nargs='+', help='config file path(s)')
+    parser.add_argument('--gpus', type=int, default=1, help='number of GPUs (ranks)')
+    parser.add_argument('--strategy', choices=STRATEGIES, default=None,
+                        help="ddp or fsdp (default: the config's own)")
+    parser.add_argument('--device-gib', type=float, default=80.0,
+                        help='memory of one GPU, for the fits / does not fit verdict')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override settings of the config, key=value pairs (as train.py)')
+    parser.add_argument('--json', action='store_true', help='print JSON instead of text')
+    args = parser.parse_args(argv)
+    if args.gpus < 1:
+        parser.error(f'--gpus must be >= 1, got {args.gpus}')
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
+    out = []
+    for path in args.configs:
+        cfg = Config.fromfile(path)
+        if args.cfg_options:
+            cfg.merge_from_dict(args.cfg_options)
+        plan = plan_config(cfg, gpus=args.gpus, strategy=args.strategy)
+        out.append((path, plan))
+    if args.json:
+        print(json.dumps({p: plan.as_dict() for p, plan in out}, indent=2))
+    else:
+        print('\n'.join(format_plan(p, plan, args.device_gib) for p, plan in out))
+
+
+if __name__ == '__main__':
+    main()
