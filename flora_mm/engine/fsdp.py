@@ -350,9 +350,9 @@ class FSDPRunner(Runner):
         small = [{k: v for k, v in checkpoint.items() if k not in ('state_dict', 'optimizer')}
                  | {'_has_optimizer': 'optimizer' in checkpoint}]
         broadcast_object_list(small, src=0)
+        self._fsdp_has_optimizer = small[0].pop('_has_optimizer')
         if get_rank() != 0:
             checkpoint = dict(small[0])
-        self._fsdp_has_optimizer = checkpoint.pop('_has_optimizer', False)
         self.call_hook('after_load_checkpoint', checkpoint=checkpoint)
         state_dict = checkpoint.get('state_dict', checkpoint) if get_rank() == 0 else {}
         for pattern, repl in revise_keys:
