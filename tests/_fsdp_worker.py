@@ -1,11 +1,13 @@
 """One rank of tests/test_fsdp.py (run by torchrun, gloo on the CPU).
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/_fsdp_worker.py BACKBONE METHOD OUT
+    python -m torch.distributed.run --nproc_per_node 2 tests/_fsdp_worker.py BACKBONE METHOD OUT \
+        [ac,bf16]
 
 Builds the same small classifier twice from one seed (a tiny InternViT or ConvNeXt-V2-atto
 backbone with a PEFT method, a linear head), wraps one copy in DDP and shards the other with
 ``flora_mm.engine.fsdp.shard_model``, trains both for a few AdamW steps on the same per-rank
-batches and writes what the test checks to OUT/rank{R}.pt: losses, local shard sizes, the
+batches (``ac``: torch's composable activation checkpointing per unit; ``bf16``: the units
+compute in bf16 over fp32 parameters) and writes what the test checks to OUT/rank{R}.pt: losses, local shard sizes, the
 gathered trainable tensors of both copies, base checksums sharded vs whole, update norms.
 """
 from __future__ import annotations
@@ -59,6 +61,7 @@ class Net(nn.Module):
 
 def main() -> None:
     backbone, method, out = sys.argv[1:4]
+    opts = sys.argv[4].split(',') if len(sys.argv) > 4 else []
     dist.init_process_group('gloo')
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
@@ -69,7 +72,8 @@ def main() -> None:
                             if k in base_names})
     plan = plan_model(ref, dict(type='AdamW'), gpus=world, strategy='fsdp')
     ddp = DistributedDataParallel(ref)
-    shard_model(sharded)
+    shard_model(sharded, activation_checkpointing='ac' in opts,
+                param_dtype='bfloat16' if 'bf16' in opts else None)
     local = {n: (p.to_local().numel() if is_sharded(p) else p.numel(), p.numel(),
                  p.requires_grad) for n, p in sharded.named_parameters()}
     sharded_sums = checksums({k: v for k, v in sharded.backbone.state_dict().items()
@@ -109,8 +113,9 @@ def main() -> None:
     norms_sharded = {n: float(update_sq_norm(layer)) for n, layer in adapter_layers(sharded)}
     norms_whole = {n: float(layer.delta_weight().float().pow(2).sum())
                    for n, layer in adapter_layers(ref)}
+    dtypes = sorted({str(p.dtype) for p in sharded.parameters()})
     torch.save(dict(
-        rank=rank, world=world, losses=losses, local=local, hidden=hidden,
+        rank=rank, dtypes=dtypes, world=world, losses=losses, local=local, hidden=hidden,
         whole_sums=whole_sums, sharded_sums=sharded_sums,
         ddp={n: ref_params[n].detach().clone() for n in trainable_names},
         plan=dict(params=dict(plan.params), gradients=plan.gradients, optimizer=plan.optimizer),

@@ -44,10 +44,11 @@ def _torchrun(args: list[str], nproc: int = 2, timeout: int = 300, cwd: str | No
     return proc
 
 
-@pytest.mark.parametrize('backbone,method', [('internvit', 'flora'), ('convnext', 'flora'),
-                                             ('internvit', 'full')])
-def test_fsdp_matches_ddp_and_shards_half(tmp_path, backbone, method):
-    _torchrun([osp.join(ROOT, 'tests/_fsdp_worker.py'), backbone, method, str(tmp_path)])
+@pytest.mark.parametrize('backbone,method,opts', [('internvit', 'flora', ''),
+                                                  ('convnext', 'flora', 'ac'),
+                                                  ('internvit', 'full', '')])
+def test_fsdp_matches_ddp_and_shards_half(tmp_path, backbone, method, opts):
+    _torchrun([osp.join(ROOT, 'tests/_fsdp_worker.py'), backbone, method, str(tmp_path), opts])
     ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=False) for r in (0, 1)]
 
     # each rank holds about half of every sharded parameter, the two halves make the whole
@@ -93,3 +94,16 @@ def test_fsdp_matches_ddp_and_shards_half(tmp_path, backbone, method):
         assert any(v > 0 for v in norms.values())
     for name, value in norms.items():
         assert value == pytest.approx(ranks[0]['norms_whole'][name], rel=1e-4, abs=1e-10), name
+
+
+def test_fsdp_bf16_compute_over_fp32_master_weights(tmp_path):
+    """The Full recipe's setting: blocks compute in bf16, parameters and optimizer stay fp32."""
+    _torchrun([osp.join(ROOT, 'tests/_fsdp_worker.py'), 'internvit', 'full', str(tmp_path),
+               'bf16'])
+    for r in (torch.load(tmp_path / f'rank{i}.pt', weights_only=False) for i in (0, 1)):
+        assert r['dtypes'] == ['torch.float32']
+        losses = r['losses']['fsdp']
+        assert losses[-1] < losses[0], losses
+        # bf16 compute is not bitwise fp32, but it trains the same model: close to DDP fp32
+        assert abs(losses[0] - r['losses']['ddp'][0]) < 0.05
+        assert not torch.equal(torch.tensor(losses), torch.tensor(r['losses']['ddp']))
