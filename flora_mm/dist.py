@@ -74,47 +74,49 @@ def sum_over_ranks(values: torch.Tensor, sharded: bool) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- checksums
-# Two odd multipliers below 2**31: each element's bit pattern (< 2**32) times a position weight
-# (< 2**31) fits in int64, and the sum wraps modulo 2**64. Modular addition is associative and
-# commutative, so the sum over shards equals the sum over the whole tensor on any number of
-# ranks, on CPU or GPU: the same base gives the same checksum sharded or not.
-_MULTIPLIERS = (2654435761, 2246822519)
-_MODULUS = 2 ** 31 - 1
-_CHUNK = 1 << 24  # elements per step: bounds the int64 temporaries (~ 3 x 128 MiB)
+# Each 32-bit word of a tensor (one per element for <= 4-byte dtypes) is multiplied by an odd
+# weight derived from its global position, in int32 (wrapping mod 2**32), and the products are
+# summed in int64, which cannot overflow below 2**32 words. So the result does not depend on
+# how the tensor is split: the sum over the shards equals the sum over the whole tensor, on any
+# number of ranks, on CPU or GPU. Any single changed word changes the sum: its difference is
+# non-zero mod 2**32 and the weight is odd, hence invertible mod 2**32.
+_MULTIPLIERS = (-1640531535, -2048144777)  # 2654435761 and 2246822519 as int32
+_CHUNK = 1 << 24  # words per step: bounds the int32 temporaries (~ 4 x 64 MiB)
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's bit patterns as non-negative int64 (one element per original element)."""
-    t = t.contiguous().view(-1)
-    if t.dtype == torch.bool:
-        return t.to(torch.int64)
-    size = t.element_size()
-    if size == 8:  # float64 / int64: fold the two 32-bit halves
-        halves = t.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-        halves = halves.view(-1, 2)
-        return halves[:, 0] ^ (halves[:, 1] * 3)
-    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[size]
-    mask = (1 << (8 * size)) - 1
-    return t.view(as_int).to(torch.int64) & mask
+def _words(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(the tensor's bit patterns as int32 words, words per element)."""
+    flat = t.contiguous().view(-1)
+    size = flat.element_size()
+    if size >= 4:
+        return flat.view(torch.int32), size // 4
+    if size == 2:
+        return flat.view(torch.int16).to(torch.int32), 1
+    return flat.view(torch.uint8).to(torch.int32), 1
 
 
 @torch.no_grad()
 def partial_checksum(local: torch.Tensor, offset: int) -> torch.Tensor:
-    """int64[2]: sum over this part's elements of bits(x_i) * w_k(i), i the global flat index.
+    """int64[2] for this part of a tensor; ``offset``: flat index of its first element.
 
-    Any single changed element changes both sums (bits delta < 2**32, weight odd and < 2**31, so
-    the product is a non-zero number below 2**63). A checksum, not a cryptographic hash: it
-    detects accidental change (a different base, an update that leaked into frozen weights).
+    A checksum, not a cryptographic hash: it detects accidental change (another base model, an
+    update that leaked into frozen weights), computed on the tensor's own device.
     """
     out = torch.zeros(2, dtype=torch.int64, device=local.device)
-    flat = local.reshape(-1)
-    for start in range(0, flat.numel(), _CHUNK):
-        bits = _bits(flat[start:start + _CHUNK])
-        index = torch.arange(offset + start, offset + start + bits.numel(),
-                             device=local.device, dtype=torch.int64)
+    words, per = _words(local)
+    first = offset * per
+    for start in range(0, words.numel(), _CHUNK):
+        part = words[start:start + _CHUNK]
+        lo = first + start
+        if lo + part.numel() < 2 ** 31:
+            index = torch.arange(lo, lo + part.numel(), device=local.device,
+                                 dtype=torch.int32)
+        else:  # positions past 2**31: wrap them into int32 as the products do
+            index = torch.arange(lo, lo + part.numel(), device=local.device,
+                                 dtype=torch.int64).remainder(2 ** 32).to(torch.int32)
         for k, mult in enumerate(_MULTIPLIERS):
-            weight = ((index * mult + k + 1) % _MODULUS) | 1
-            out[k] += (bits * weight).sum()
+            weight = (index * mult + k) | 1
+            out[k] += (part * weight).sum(dtype=torch.int64)
     return out
 
 
