@@ -238,3 +238,30 @@ def format_plan(name: str, plan: MemoryPlan, device_gib: float = 80.0) -> str:
     lines.append(f'  total                {gib(plan.total):>10}   ({fits} {device_gib:g} GiB '
                  'before activations; activations are not included)')
     return '\n'.join(lines)
+
+
+def plan_table(cfg, gpus: Sequence[int] = (1, 8),
+               strategies: Sequence[str] = STRATEGIES) -> dict[tuple[str, int], MemoryPlan]:
+    """Plans of one config for every (strategy, gpus), from one meta-device build."""
+    model = build_meta_model(cfg)
+    return {(s, g): plan_config(cfg, gpus=g, strategy=s, model=model)
+            for s in strategies for g in gpus}
+
+
+def format_table(rows: list[tuple[str, dict[tuple[str, int], MemoryPlan]]],
+                 device_gib: float = 80.0) -> str:
+    """Markdown table: trainable parameters, then GiB per GPU per (strategy, gpus); '!' marks a
+    total above ``device_gib`` (before activations)."""
+    keys = list(rows[0][1]) if rows else []
+    head = ['config', 'trainable'] + [f'{s.upper()} x{g}' for s, g in keys]
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for name, plans in rows:
+        first = next(iter(plans.values()))
+        share = 100.0 * first.num_trainable / max(first.num_params, 1)
+        cells = [name, f'{first.num_trainable / 1e6:,.1f}M ({share:.2f}%)']
+        for key in keys:
+            total = plans[key].total
+            mark = ' !' if total > device_gib * 2 ** 30 else ''
+            cells.append(f'{total / 2 ** 30:.1f}{mark}')
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
