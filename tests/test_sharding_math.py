@@ -131,3 +131,38 @@ def test_planner_rules():
         plan_model(model, dict(type='AdamW'), strategy='zero3')
     ddp = plan_model(model, dict(type='AdamW'), gpus=2, strategy='ddp')
     assert ddp.buffers == ddp.gradients  # the DDP buckets
+
+
+def test_estimate_memory_tool_full_internvit6b(capsys):
+    """The 6B Full recipe (fp32 master weights): 20 bytes per parameter per GPU under DDP on 8
+    GPUs (weights 4 + gradients 4 + AdamW 8 + DDP buckets 4), does not fit 80 GiB; under FSDP
+    on 8 it does. Figures checked against the parameter count of the built model."""
+    import importlib.util
+    import os.path as osp
+    import sys
+    root = osp.dirname(osp.dirname(osp.abspath(__file__)))
+    sys.path.insert(0, osp.join(root, 'tools'))
+    spec = importlib.util.spec_from_file_location(
+        'flora_mm_tool_estimate_memory', osp.join(root, 'tools/estimate_memory.py'))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    from mmengine.config import Config
+
+    from flora_mm.apis.memory import build_meta_model, plan_config
+    config = osp.join(root, 'configs/ade20k/internvit6b_full_fsdp.py')
+    cfg = Config.fromfile(config)
+    model = build_meta_model(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in model.parameters())
+    ddp = plan_config(cfg, gpus=8, strategy='ddp', model=model)
+    assert ddp.total == 20 * n and ddp.total > 80 * 2 ** 30
+    fsdp = plan_config(cfg, gpus=8, strategy='fsdp', model=model)
+    assert fsdp.total < 80 * 2 ** 30
+    # sharded static part: about 16 bytes per parameter / 8 (dim-0 padding adds a little)
+    static = fsdp.param_bytes + fsdp.gradients + fsdp.optimizer
+    assert 16 * n / 8 <= static < 1.01 * 16 * n / 8
+    tool.main([config, '--gpus', '8', '--strategy', 'ddp'])
+    assert 'does NOT fit 80 GiB' in capsys.readouterr().out
+    tool.main([config, '--gpus', '8'])  # the config's own strategy: FSDP
+    out = capsys.readouterr().out
+    assert 'FSDP on 8 GPU(s)' in out and 'fits 80 GiB' in out and 'NOT' not in out
