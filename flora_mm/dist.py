@@ -33,6 +33,22 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if is_sharded(t) else t
 
 
+def gather_full(tensors: dict[str, torch.Tensor], to_cpu: bool = True,
+                rank0_only: bool = False) -> dict[str, torch.Tensor]:
+    """Complete copies of (possibly sharded) tensors; call on every rank.
+
+    Gathered one tensor at a time; with ``rank0_only`` the other ranks drop each copy at once
+    (and return {}), so at most one full tensor is alive there.
+    """
+    keep = not rank0_only or not dist.is_initialized() or dist.get_rank() == 0
+    out = {}
+    for name, t in tensors.items():
+        full = full_tensor(t)
+        if keep:
+            out[name] = full.cpu() if to_cpu else full
+    return out
+
+
 def local_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(this rank's part, flat index of its first element in the whole tensor).
 

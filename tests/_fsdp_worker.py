@@ -23,8 +23,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 import flora_mm  # noqa: F401
 from flora_mm.apis.memory import plan_model
-from flora_mm.dist import checksums, is_sharded
-from flora_mm.engine.fsdp import gather_full, shard_model
+from flora_mm.dist import checksums, gather_full, is_sharded
+from flora_mm.engine.fsdp import shard_model
 from flora_mm.models import ConvNeXtV2, InternViT
 from flora_mm.peft import adapter_layers, inject_adapters
 from flora_mm.peft.io import base_state_names
@@ -34,6 +34,9 @@ STEPS = 4
 PEFT = {
     'flora': dict(type='FLoRA', rank=4, kernel_rank=2, scale=1.0),
     'full': dict(type='Full'),
+    'lora': dict(type='LoRA', rank=4),
+    'dora': dict(type='DoRA', rank=4),
+    'bitfit': dict(type='BitFit'),
 }
 
 

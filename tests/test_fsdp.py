@@ -46,7 +46,8 @@ def _torchrun(args: list[str], nproc: int = 2, timeout: int = 300, cwd: str | No
 
 @pytest.mark.parametrize('backbone,method,opts', [('internvit', 'flora', ''),
                                                   ('convnext', 'flora', 'ac'),
-                                                  ('internvit', 'full', '')])
+                                                  ('internvit', 'full', ''),
+                                                  ('internvit', 'dora', '')])
 def test_fsdp_matches_ddp_and_shards_half(tmp_path, backbone, method, opts):
     _torchrun([osp.join(ROOT, 'tests/_fsdp_worker.py'), backbone, method, str(tmp_path), opts])
     ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=False) for r in (0, 1)]

@@ -44,6 +44,7 @@ from mmengine.runner.checkpoint import _load_checkpoint, save_checkpoint
 from mmengine.utils import apply_to
 from torch import nn
 
+from ..dist import gather_full
 from ..peft.base import AdapterLayer
 
 #: module names that become one FSDP unit each (``re.search``): InternViT's ``blocks.N``,
@@ -234,23 +235,6 @@ def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     return get_optimizer_state_dict(model, optimizer,
                                     options=_options(full_state_dict=True, cpu_offload=True))
-
-
-def gather_full(tensors: dict[str, torch.Tensor], to_cpu: bool = True,
-                rank0_only: bool = False) -> dict[str, torch.Tensor]:
-    """Complete copies of (possibly sharded) tensors; call on every rank.
-
-    Gathered one tensor at a time; with ``rank0_only`` the other ranks drop each copy at once
-    (and return {}), so at most one full tensor is alive there.
-    """
-    from ..dist import full_tensor
-    keep = not rank0_only or get_rank() == 0
-    out = {}
-    for name, t in tensors.items():
-        full = full_tensor(t)
-        if keep:
-            out[name] = full.cpu() if to_cpu else full
-    return out
 
 
 @RUNNERS.register_module()
