@@ -48,10 +48,12 @@ from ..dist import gather_full
 from ..peft.base import AdapterLayer
 
 #: module names that become one FSDP unit each (``re.search``): InternViT's ``blocks.N``,
-#: ConvNeXt-V2's ``stages.S.blocks.N``, the patch embedding / stem (so that their frozen or
-#: bias-only parameters do not share a unit with the fp32 head: FSDP2 reduces one gradient
-#: dtype per unit).
-DEFAULT_UNITS = (r'(^|\.)blocks\.\d+$', r'(^|\.)patch_embed$', r'(^|\.)stem$')
+#: ConvNeXt-V2's ``stages.S.blocks.N``, the patch embedding / stem, InternViT's simple-FPN
+#: branches ``up1..up4`` and the backbone itself (what is left of it: position embedding,
+#: class token, downsample layers, output norms). FSDP2 reduces ONE gradient dtype per unit, so
+#: a bf16 backbone's trainable leftovers and the fp32 FPN / heads must not share a unit.
+DEFAULT_UNITS = (r'(^|\.)blocks\.\d+$', r'(^|\.)patch_embed$', r'(^|\.)stem$',
+                 r'(^|\.)backbone\.up\d$', r'(^|\.)backbone$')
 _DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16,
            None: None}
 
@@ -80,6 +82,26 @@ def shard_units(model: nn.Module, patterns: Sequence[str] = DEFAULT_UNITS) -> li
     # a unit inside another unit is fine (bottom-up), but keep each name once
     names = list(dict.fromkeys(names))
     return sorted(names, key=lambda n: -n.count('.'))
+
+
+def check_unit_grad_dtypes(model: nn.Module, unit_names: Sequence[str],
+                           param_dtype: torch.dtype | None = None) -> None:
+    """Fail early, naming the unit, where FSDP2 would fail in the first backward: the trainable
+    parameters of one unit (deepest enclosing unit; the rest is the root) must produce one
+    gradient dtype (their own dtype, or ``param_dtype`` when the unit computes in it)."""
+    owner: dict[str, set] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        unit = next((u for u in unit_names if name.startswith(u + '.')), '')
+        dtype = param_dtype if (param_dtype is not None and unit) else param.dtype
+        owner.setdefault(unit, set()).add(dtype)
+    mixed = {u or '<root>': sorted(str(d) for d in ds) for u, ds in owner.items() if len(ds) > 1}
+    if mixed:
+        raise ValueError(f'FSDP: trainable parameters of mixed dtypes in one unit {mixed}: FSDP2 '
+                         'reduces one gradient dtype per unit. Add the submodules of the other '
+                         'dtype as their own units (model_wrapper_cfg.units), or store them in '
+                         'one dtype and compute in bf16 with param_dtype=\'bfloat16\'')
 
 
 def _release_base_layer_params(model: nn.Module) -> None:
@@ -140,11 +162,20 @@ def shard_model(model: nn.Module, *, units: Sequence[str] = DEFAULT_UNITS,
     if not names:
         raise ValueError(f'FSDP: no submodule matches the unit patterns {list(units)}; every '
                          'parameter would sit in one unit (no memory saving)')
+    check_unit_grad_dtypes(model, names, _dtype(param_dtype))
+    # outermost units hand their output to the root, which computes in its storage dtype:
+    # with a low-precision param_dtype their outputs go back to fp32
+    outer_policy = mp_policy
+    if mp_policy.param_dtype is not None:
+        outer_policy = MixedPrecisionPolicy(param_dtype=mp_policy.param_dtype,
+                                            reduce_dtype=mp_policy.reduce_dtype,
+                                            output_dtype=torch.float32)
     for name in names:
         unit = model.get_submodule(name)
+        outermost = not any(name.startswith(other + '.') for other in names)
         if activation_checkpointing:
             composable_checkpoint(unit)
-        fully_shard(unit, mesh=mesh, mp_policy=mp_policy,
+        fully_shard(unit, mesh=mesh, mp_policy=outer_policy if outermost else mp_policy,
                     reshard_after_forward=reshard_after_forward)
     # the root (heads, necks, embeddings) keeps its storage dtype: only the units compute in
     # ``param_dtype``, as InternVL runs a bf16 trunk under an fp32 head
