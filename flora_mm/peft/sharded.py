@@ -1,7 +1,8 @@
-"""Base-weight fingerprints computed where the weights live, shard by shard.
+"""Reading an injected model whose parameters may be FSDP2 shards (DTensors).
 
-The adapter file records which base model it was trained on, and FLoRAHook checks that the
-frozen weights did not change. Both used to copy every frozen tensor to the host and hash the
+Base-weight fingerprints, computed where the weights live, shard by shard. The adapter file
+records which base model it was trained on, and FLoRAHook checks that the frozen weights did
+not change. Both used to copy every frozen tensor to the host and hash the
 bytes: ~12 GB per rank per pass for InternViT-6B. Here each rank sums a position-weighted
 checksum of its own shard on its device (``flora_mm.dist.partial_checksum``) and one all-reduce
 combines them; the per-tensor sums are the same whether the model is sharded or whole, on any
@@ -14,9 +15,9 @@ import hashlib
 import torch
 from torch import nn
 
-from ..dist import checksums
+from ..dist import any_sharded, checksums, gather_full
 from .base import AdapterLayer
-from .io import base_state_names
+from .io import base_state_names, trainable_state_dict
 
 
 def base_checksums(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -48,3 +49,15 @@ def base_fingerprint(model: nn.Module) -> str:
     finally:
         for layer in merged:
             layer.merge()
+
+
+def gathered_trainable_state_dict(model: nn.Module,
+                                  rank0_only: bool = True) -> dict[str, torch.Tensor]:
+    """The adapter file's tensors at full shape on the CPU (the method's tensors and everything
+    outside injected modules). Sharded tensors are gathered one at a time (call on every rank);
+    with ``rank0_only`` the other ranks return {}. This is what keeps an adapter file of a
+    sharded run from holding rank 0's shards only (the peft + ZeRO-3 "empty adapter" trap)."""
+    tensors = trainable_state_dict(model)
+    if not any_sharded(tensors.values()):
+        return {k: v.contiguous().cpu().clone() for k, v in tensors.items()}
+    return {k: v.contiguous() for k, v in gather_full(tensors, rank0_only=rank0_only).items()}
