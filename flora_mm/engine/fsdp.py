@@ -312,13 +312,18 @@ class FSDPRunner(Runner):
                                 'the mixed precision; no AmpOptimWrapper / OptimWrapperDict), '
                                 f'got {type(self.optim_wrapper).__name__}')
             optim_state = full_optimizer_state_dict(model, self.optim_wrapper.optimizer)
+        checkpoint, filepath = self._checkpoint_dict(out_dir, filename, state_dict, optim_state,
+                                                     save_param_scheduler, meta, by_epoch,
+                                                     backend_args)
+        # every rank runs the hooks (a hook may gather sharded tensors, e.g. FLoRAHook's adapter
+        # file); the other ranks' dict has the metadata but no tensors; rank 0 writes
+        self.call_hook('before_save_checkpoint', checkpoint=checkpoint)
         if is_main_process():
-            self._write_checkpoint(out_dir, filename, state_dict, optim_state,
-                                   save_param_scheduler, meta, by_epoch, backend_args)
+            save_checkpoint(checkpoint, filepath, backend_args=backend_args)
         dist.barrier()
 
-    def _write_checkpoint(self, out_dir, filename, state_dict, optim_state, save_param_scheduler,
-                          meta, by_epoch, backend_args) -> None:
+    def _checkpoint_dict(self, out_dir, filename, state_dict, optim_state, save_param_scheduler,
+                         meta, by_epoch, backend_args) -> tuple[dict, str]:
         """mmengine's Runner.save_checkpoint layout, with the gathered states."""
         import mmengine
         from mmengine.fileio import join_path
@@ -350,8 +355,7 @@ class FSDPRunner(Runner):
                     for name, schedulers in self.param_schedulers.items()}
             else:
                 checkpoint['param_schedulers'] = [s.state_dict() for s in self.param_schedulers]
-        self.call_hook('before_save_checkpoint', checkpoint=checkpoint)
-        save_checkpoint(checkpoint, filepath, backend_args=backend_args)
+        return checkpoint, filepath
 
     # -- load -----------------------------------------------------------------------------------
     def load_checkpoint(self, filename: str, map_location: Any = 'cpu', strict: bool = False,
@@ -362,12 +366,21 @@ class FSDPRunner(Runner):
         # rank 0 reads the file; the small parts go to every rank, the tensors are broadcast
         # into the shards by torch (one tensor at a time)
         checkpoint = _load_checkpoint(filename, map_location='cpu') if get_rank() == 0 else {}
-        small = [{k: v for k, v in checkpoint.items() if k not in ('state_dict', 'optimizer')}
-                 | {'_has_optimizer': 'optimizer' in checkpoint}]
+        small = [None]
+        if get_rank() == 0:
+            tensors = checkpoint.get('state_dict', {})
+            small = [{k: v for k, v in checkpoint.items() if k not in ('state_dict', 'optimizer')}
+                     | {'_has_optimizer': 'optimizer' in checkpoint,
+                        '_shapes': {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()
+                                    if torch.is_tensor(v)}}]
         broadcast_object_list(small, src=0)
         self._fsdp_has_optimizer = small[0].pop('_has_optimizer')
+        shapes = small[0].pop('_shapes')
         if get_rank() != 0:
+            # the other ranks' hooks see the file's keys, shapes and dtypes (meta tensors)
             checkpoint = dict(small[0])
+            checkpoint['state_dict'] = {k: torch.empty(shape, dtype=dtype, device='meta')
+                                        for k, (shape, dtype) in shapes.items()}
         self.call_hook('after_load_checkpoint', checkpoint=checkpoint)
         state_dict = checkpoint.get('state_dict', checkpoint) if get_rank() == 0 else {}
         for pattern, repl in revise_keys:
