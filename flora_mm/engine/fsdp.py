@@ -137,9 +137,9 @@ def shard_model(model: nn.Module, *, units: Sequence[str] = DEFAULT_UNITS,
     compute in bf16 while the sharded parameters, gradients after reduction (``reduce_dtype``)
     and optimizer states stay in their storage dtype (fp32 master weights for Full
     fine-tuning); the root (heads, necks, embeddings) always computes in its storage dtype.
-    ``activation_checkpointing``: torch's composable, non-reentrant checkpoint per unit (adapters
-    inside a frozen block still get gradients); the backbones' own ``with_cp`` does the same per
-    block, so turn on one of the two.
+    ``activation_checkpointing``: torch's composable, non-reentrant checkpoint per innermost
+    unit (the blocks; adapters inside a frozen block still get gradients); the backbones' own
+    ``with_cp`` does the same per block, so turn on one of the two.
     """
     from torch.distributed._composable import checkpoint as composable_checkpoint
     from torch.distributed.device_mesh import init_device_mesh
@@ -173,7 +173,8 @@ def shard_model(model: nn.Module, *, units: Sequence[str] = DEFAULT_UNITS,
     for name in names:
         unit = model.get_submodule(name)
         outermost = not any(name.startswith(other + '.') for other in names)
-        if activation_checkpointing:
+        innermost = not any(other.startswith(name + '.') for other in names)
+        if activation_checkpointing and innermost:  # one checkpoint level: the blocks
             composable_checkpoint(unit)
         fully_shard(unit, mesh=mesh, mp_policy=outer_policy if outermost else mp_policy,
                     reshard_after_forward=reshard_after_forward)
