@@ -7,8 +7,9 @@ Builds the same small classifier twice from one seed (a tiny InternViT or ConvNe
 backbone with a PEFT method, a linear head), wraps one copy in DDP and shards the other with
 ``flora_mm.engine.fsdp.shard_model``, trains both for a few AdamW steps on the same per-rank
 batches (``ac``: torch's composable activation checkpointing per unit; ``bf16``: the units
-compute in bf16 over fp32 parameters) and writes what the test checks to OUT/rank{R}.pt: losses, local shard sizes, the
-gathered trainable tensors of both copies, base checksums sharded vs whole, update norms.
+compute in bf16 over fp32 parameters) and writes what the test checks to OUT/rank{R}.pt:
+losses, local shard sizes, the gathered trainable tensors of both copies, base checksums
+sharded vs whole, update norms.
 """
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Per-GPU static memory of a config's training run under DDP or FSDP (``tools/estimate_memory.py``).
+"""Per-GPU static memory of a config's training run under DDP or FSDP.
+
+``tools/estimate_memory.py`` prints it.
 
 The model is built on the meta device (no memory, no checkpoint read), so InternViT-6B configs
 plan in seconds. Per GPU it counts:
