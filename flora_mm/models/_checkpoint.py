@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 from mmengine.logging import print_log
 
+from ..utils.misc import short_list
+
 # Prefixes that name a remote or zoo checkpoint; mmengine would download these, we refuse them.
 _REMOTE_PREFIXES = ('hf-hub:', 'hf_hub:', 'hf:', 'timm/', 'open-mmlab:', 'openmmlab:', 'mmcls:',
                     'mmpretrain:', 'torchvision:', 'modelzoo:')
@@ -149,7 +151,5 @@ def load_by_keys(module: nn.Module, sd: Dict[str, torch.Tensor], name: str,
     return missing, unexpected
 
 
-def _short(keys: Sequence[str], limit: int = 40) -> str:
-    keys = list(keys)
-    text = ', '.join(keys[:limit])
-    return text + (f', ... ({len(keys)} in all)' if len(keys) > limit else '')
+def _short(keys: Sequence[str]) -> str:
+    return short_list(keys, limit=40)  # logs name up to 40 keys

@@ -201,3 +201,61 @@ def _sparse_fcmae_to_dense(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tenso
             v = v.reshape(-1)
         out[k] = v
     return out
+
+
+# ------------------------------------------------------------------ outgoing: mmpretrain layout
+# timm block key (after ``stages.S.blocks.B.``) -> mmpretrain ``ConvNeXtBlock`` key. ConvNeXt-V2
+# has no layer scale (``gamma``), so every block key is one of these.
+_MMPRETRAIN_BLOCK_RENAMES = (
+    (r'conv_dw\.', 'depthwise_conv.'),
+    (r'norm\.', 'norm.'),
+    (r'mlp\.fc1\.', 'pointwise_conv1.'),
+    (r'mlp\.fc2\.', 'pointwise_conv2.'),
+    (r'mlp\.grn\.weight$', 'grn.gamma'),
+    (r'mlp\.grn\.bias$', 'grn.beta'),
+)
+
+
+def timm_to_mmpretrain_key(key: str) -> str:
+    """One ConvNeXtV2 (timm) key -> mmpretrain ``ConvNeXt`` key; ValueError if it has none."""
+    m = re.fullmatch(r'stem\.(\d)\.(.+)', key)
+    if m:
+        return f'downsample_layers.0.{m[1]}.{m[2]}'
+    m = re.fullmatch(r'stages\.(\d+)\.downsample\.(\d)\.(.+)', key)
+    if m:
+        return f'downsample_layers.{m[1]}.{m[2]}.{m[3]}'
+    m = re.fullmatch(r'stages\.(\d+)\.blocks\.(\d+)\.(.+)', key)
+    if m:
+        for pattern, new in _MMPRETRAIN_BLOCK_RENAMES:
+            if re.match(pattern, m[3]):
+                return f'stages.{m[1]}.{m[2]}.{re.sub(pattern, new, m[3], count=1)}'
+    if re.fullmatch(r'norm\d\.(weight|bias)', key):
+        return key
+    raise ValueError(f'no mmpretrain ConvNeXt name for backbone key {key!r}')
+
+
+def timm_to_mmpretrain(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Rename a ConvNeXtV2 state dict for mmpretrain's ``ConvNeXt``; timm's 1x1-conv MLP
+    (atto..nano: ``conv_mlp=True``) becomes mmpretrain's Linear (it always uses Linear)."""
+    out = {}
+    for key, value in sd.items():
+        new = timm_to_mmpretrain_key(key)
+        if '.pointwise_conv' in new and new.endswith('.weight') and value.dim() == 4:
+            if value.shape[2:] != (1, 1):
+                raise ValueError(f'{key}: expected a 1x1 conv, got shape {tuple(value.shape)}')
+            value = value.flatten(1)
+        out[new] = value
+    return out
+
+
+def mmpretrain_convnext_cfg(backbone: ConvNeXtV2, drop_path_rate: float = 0.0) -> dict:
+    """mmpretrain ``ConvNeXt`` arguments that build the same network as ``backbone``."""
+    if not backbone.out_norm:
+        raise ValueError('ConvNeXtV2(out_norm=False) has no mmpretrain ConvNeXt equivalent '
+                         '(it always normalises its outputs)')
+    frozen = backbone.frozen_stages
+    # flora_mm freezes stem + stages[0..n]; mmpretrain's frozen_stages=m freezes stages [0, m)
+    return dict(type='mmpretrain.ConvNeXt', arch=backbone.arch,
+                out_indices=list(backbone.out_indices), drop_path_rate=float(drop_path_rate),
+                layer_scale_init_value=0., use_grn=True, gap_before_final_norm=False,
+                frozen_stages=frozen + 1 if frozen >= 0 else 0, with_cp=bool(backbone.with_cp))
