@@ -28,7 +28,7 @@ from flora_mm.dist import checksums, gather_full, is_sharded
 from flora_mm.engine.fsdp import shard_model
 from flora_mm.models import ConvNeXtV2, InternViT
 from flora_mm.peft import adapter_layers, inject_adapters
-from flora_mm.peft.io import base_state_names
+from flora_mm.peft.io import base_fingerprint, base_state_names
 from flora_mm.peft.norms import update_sq_norm
 
 STEPS = 4
@@ -74,6 +74,7 @@ def main() -> None:
     base_names = base_state_names(ref.backbone)
     whole_sums = checksums({k: v for k, v in ref.backbone.state_dict().items()
                             if k in base_names})
+    whole_fingerprint = base_fingerprint(ref.backbone)
     plan = plan_model(ref, dict(type='AdamW'), gpus=world, strategy='fsdp')
     ddp = DistributedDataParallel(ref)
     shard_model(sharded, activation_checkpointing='ac' in opts,
@@ -82,6 +83,7 @@ def main() -> None:
                  p.requires_grad) for n, p in sharded.named_parameters()}
     sharded_sums = checksums({k: v for k, v in sharded.backbone.state_dict().items()
                               if k in base_names})
+    sharded_fingerprint = base_fingerprint(sharded.backbone)
     hidden = [n for n, layer in adapter_layers(sharded)
               if any(p is not None for p in layer.base_layer._parameters.values())]
 
@@ -121,6 +123,7 @@ def main() -> None:
     torch.save(dict(
         rank=rank, dtypes=dtypes, world=world, losses=losses, local=local, hidden=hidden,
         whole_sums=whole_sums, sharded_sums=sharded_sums,
+        fingerprints=(whole_fingerprint, sharded_fingerprint),
         ddp={n: ref_params[n].detach().clone() for n in trainable_names},
         plan=dict(params=dict(plan.params), gradients=plan.gradients, optimizer=plan.optimizer),
         measured=measured,

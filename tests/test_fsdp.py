@@ -88,6 +88,8 @@ def test_fsdp_matches_ddp_and_shards_half(tmp_path, backbone, method, opts):
     assert bool(ranks[0]['whole_sums']) == (method != 'full')
     assert ranks[0]['sharded_sums'] == ranks[0]['whole_sums']
     assert ranks[1]['sharded_sums'] == ranks[0]['whole_sums']
+    # and so is the adapter file's base fingerprint
+    assert ranks[0]['fingerprints'][0] == ranks[0]['fingerprints'][1] == ranks[1]['fingerprints'][1]
     # closed-form update norms on the sharded adapters = materialised dW on the DDP copy
     norms = ranks[0]['norms_sharded']
     assert norms.keys() == ranks[0]['norms_whole'].keys()

@@ -95,8 +95,13 @@ def test_sharded_checkpoint_is_complete(sharded_run):
     # the frozen base is the pretrained base, value for value (not rank 0's shard)
     pretrained = torch.load(tmp / 'data/tiny/checkpoints/internvit_tiny.pth',
                             weights_only=True)['model']
+    compared = 0
     for key, value in pretrained.items():
-        torch.testing.assert_close(ckpt['state_dict'][f'backbone.{key}'], value, rtol=0, atol=0)
+        saved = ckpt['state_dict'][f'backbone.{key}']
+        if saved.shape == value.shape:  # pos_embed is resampled to the crop on load
+            torch.testing.assert_close(saved, value, rtol=0, atol=0)
+            compared += 1
+    assert compared >= len(pretrained) - 1 and compared > 30
     # the adapters trained (FLoRA cores start at zero)
     cores = [k for k in ckpt['state_dict'] if k.endswith('flora_core')]
     assert cores and all(ckpt['state_dict'][k].abs().max() > 0 for k in cores)
@@ -144,3 +149,11 @@ def test_resume_on_another_world_size_and_test_tool(sharded_run):
     log = _run([sys.executable, osp.join(ROOT, 'tools/test.py'), str(config),
                 str(work / 'iter_6.pth'), '--work-dir', str(tmp / 'test_work')], tmp)
     assert 'mIoU' in log
+    # tools/merge_adapters.py on the sharded run's adapter file (base from the pretrained file,
+    # fingerprint checked against it) and on its full checkpoint
+    for source, out in (('iter_4_adapter.safetensors', 'merged_adapter.pth'),
+                        ('iter_6.pth', 'merged_full.pth')):
+        _run([sys.executable, osp.join(ROOT, 'tools/merge_adapters.py'), str(config),
+              str(work / source), str(tmp / out)], tmp)
+        merged = torch.load(tmp / out, map_location='cpu', weights_only=True)
+        assert not any('flora' in k for k in merged['state_dict'])

@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
-import _common as common  # noqa: F401  (imports flora_mm first: compat shims + registration)
-from mmengine.config import Config, DictAction
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's flora_mm
 
-from flora_mm.apis.memory import (STRATEGIES, format_plan, format_table, plan_config,
-                                  plan_table)
+from mmengine.config import DictAction  # noqa: E402
+
+from flora_mm.apis.config import load_config  # noqa: E402
+from flora_mm.apis.count import logs_to_stderr  # noqa: E402
+from flora_mm.apis.memory import (STRATEGIES, format_plan, format_table,  # noqa: E402
+                                  plan_config, plan_table)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -49,11 +54,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
+    logs_to_stderr()
     out, rows = [], []
     for path in args.configs:
-        cfg = Config.fromfile(path)
-        if args.cfg_options:
-            cfg.merge_from_dict(args.cfg_options)
+        cfg = load_config(path, args.cfg_options)
         if args.table:
             strategies = [args.strategy] if args.strategy else list(STRATEGIES)
             rows.append((path, plan_table(cfg, args.gpus, strategies)))

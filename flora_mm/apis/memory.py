@@ -168,30 +168,9 @@ def plan_model(model: nn.Module, optimizer_cfg: dict, gpus: int = 1, strategy: s
 # --------------------------------------------------------------------------- configs
 def build_meta_model(cfg) -> nn.Module:
     """The config's model with its PEFT method, on the meta device (no checkpoint read)."""
-    from mmengine.registry import MODELS, init_default_scope
-
-    from ..peft import build_peft_method, injected_roots
-    from ..utils import register_task_modules
-
-    scope = cfg.get('default_scope', None)
-    register_task_modules(scope)
-    init_default_scope(scope)
-    model_cfg = copy.deepcopy(cfg.model)
-    backbone = model_cfg.get('backbone', None)
-    if isinstance(backbone, dict) and backbone.get('type') == 'PEFTBackbone':
-        backbone['load_pretrained'] = False
-    with torch.device('meta'):
-        model = MODELS.build(model_cfg)
-    injected = {name for name, _, _ in injected_roots(model)}
-    for hook in cfg.get('custom_hooks', None) or []:  # FLoRAHook(peft=..., parts=...)
-        if (isinstance(hook, dict) and str(hook.get('type', '')).endswith('FLoRAHook')
-                and hook.get('peft') is not None):
-            parts = hook.get('parts', ('backbone',))
-            for part in [parts] if isinstance(parts, str) else parts:
-                if part not in injected:
-                    build_peft_method(hook['peft']).inject(model.get_submodule(part))
-                    injected.add(part)
-    return model
+    from .config import load_config
+    from .model import build_model
+    return build_model(load_config(cfg), load_pretrained=False, meta=True)
 
 
 def wrapper_settings(cfg) -> tuple[Optional[list[str]], Optional[torch.dtype]]:

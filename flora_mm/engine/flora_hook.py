@@ -11,9 +11,13 @@
 - logs a table of total/trainable parameters per part and fails if anything outside the intended
   set trains (inside adapted parts: exactly the method's tensors); frozen tensors are taken
   out of the optimizer;
-- writes ``<checkpoint>_adapter.safetensors`` + ``.json`` next to each regular checkpoint;
+- writes ``<checkpoint>_adapter.safetensors`` + ``.json`` next to each regular checkpoint
+  (FSDP-sharded tensors gathered at full shape by every rank, written by rank 0);
 - logs the Frobenius norm of the update per stage every ``norm_interval`` iterations;
 - at the end of training, checks that the frozen weights did not change.
+
+Fingerprint, frozen check and norms work on FSDP2 shards without host copies of the base: see
+``flora_mm.peft.io.base_checksums`` and ``flora_mm.peft.norms``.
 """
 from __future__ import annotations
 
@@ -28,7 +32,8 @@ from torch import nn
 from ..peft import (DEFAULT_GROUP, build_peft_method, count_parameters, format_table,
                     inject_into_parts, injected_roots, normalize_parts, parameter_table,
                     unexpected_trainable, update_norms)
-from ..peft.io import base_digests, base_fingerprint, save_adapter_checkpoint
+from ..peft.io import (base_digests, base_fingerprint, gathered_trainable_state_dict,
+                       save_adapter_checkpoint)
 from ..registry import HOOKS
 
 # the inspection helpers live in flora_mm.peft; importable from here as before
@@ -102,6 +107,11 @@ class FLoRAHook(Hook):
         _drop_frozen_from_optimizer(runner)
 
     def _inject(self, runner, model: nn.Module) -> None:
+        from .fsdp import is_fully_sharded
+        if is_fully_sharded(runner.model):
+            raise RuntimeError('FLoRAHook(peft=...) injects after the Runner has sharded the '
+                               'model (FSDP); build the backbone with type=\'PEFTBackbone\' so '
+                               'the adapters exist before sharding')
         changed = False
         for part, names in inject_into_parts(model, self.peft, self.parts).items():
             if names is None:
@@ -164,12 +174,15 @@ class FLoRAHook(Hook):
         if not ckpt or ckpt == self._last_ckpt:
             return
         self._last_ckpt = ckpt
+        model = _unwrap(runner.model)
+        # every rank takes part in gathering FSDP-sharded tensors; rank 0 writes
+        tensors = gathered_trainable_state_dict(model, rank0_only=True)
         if not is_main_process():
             return
         stem, _ = os.path.splitext(ckpt)
         path = f'{stem}_adapter.safetensors'
         save_adapter_checkpoint(
-            _unwrap(runner.model), path, fingerprint=self._fingerprint,
+            model, path, fingerprint=self._fingerprint, tensors=tensors,
             meta=dict(checkpoint=os.path.basename(ckpt), epoch=runner.epoch, iter=runner.iter,
                       experiment=runner.experiment_name))
         runner.logger.info(f'FLoRAHook: adapter checkpoint {path} '
