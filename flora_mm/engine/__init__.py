@@ -1,5 +1,6 @@
 from .flora_hook import FLoRAHook
+from .optim_constructor import LayerDecayOptimWrapperConstructor
 from ..peft.inspection import parameter_table, update_norms  # re-exported (former home)
-
-__all__ = ['FLoRAHook', 'parameter_table', 'update_norms']
 from . import fsdp  # noqa: F401,E402  (registers FullyShardedModel and FSDPRunner)
+
+__all__ = ['FLoRAHook', 'LayerDecayOptimWrapperConstructor', 'parameter_table', 'update_norms']

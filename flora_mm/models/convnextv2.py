@@ -20,7 +20,8 @@ from torch.utils.checkpoint import checkpoint
 
 from flora_mm.registry import MODELS
 
-from ._checkpoint import init_weights_from_cfg, load_by_keys, read_state_dict, select_prefix
+from ._checkpoint import (DEFAULT_MIN_LOADED_SHARE, init_weights_from_cfg, load_by_keys,
+                          read_state_dict, select_prefix)
 
 # Every ConvNeXt-V2 size timm defines: name -> (depths, dims), for reference and validation.
 CONVNEXTV2_ARCHS: Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...]]] = {
@@ -125,13 +126,42 @@ class ConvNeXtV2(BaseModule):
         """
         init_weights_from_cfg(self)
 
-    def load_pretrained(self, checkpoint: str,
-                        prefix: Optional[str] = None) -> Tuple[List[str], List[str]]:
-        """Load a local checkpoint in timm or official layout; return (missing, unexpected)."""
+    def load_pretrained(self, checkpoint: str, prefix: Optional[str] = None,
+                        allow_shape_mismatch: bool = False,
+                        min_loaded_share: float = DEFAULT_MIN_LOADED_SHARE,
+                        ) -> Tuple[List[str], List[str]]:
+        """Load a local checkpoint in timm or official layout; return (missing, unexpected).
+
+        The stem and every stage up to the last out index must load completely (else
+        PretrainedLoadError naming the blocks and the matching ``arch``); see ``load_by_keys``
+        for the other checks.
+        """
         sd = select_prefix(read_state_dict(checkpoint), prefix)
         sd = self.convert_state_dict(sd)
+        last = max(self.out_indices)
         return load_by_keys(self, sd, f'ConvNeXtV2-{self.arch} <- {checkpoint}',
-                            expected_missing=[f'norm{i}.' for i in self.out_indices])
+                            expected_missing=[f'norm{i}.' for i in self.out_indices],
+                            required=['stem.'] + [f'stages.{i}.' for i in range(last + 1)],
+                            hint=self._arch_hint, allow_shape_mismatch=allow_shape_mismatch,
+                            min_loaded_share=min_loaded_share)
+
+    def _arch_hint(self, sd: Dict[str, torch.Tensor]) -> str:
+        """Name the arch whose depths match the file, and the stages it fills completely."""
+        blocks: Dict[int, set] = {}
+        for k in sd:
+            m = re.match(r'stages\.(\d+)\.blocks\.(\d+)\.', k)
+            if m:
+                blocks.setdefault(int(m[1]), set()).add(int(m[2]))
+        depths = tuple(len(blocks.get(i, ())) for i in range(4))
+        archs = [a for a, (d, _) in CONVNEXTV2_ARCHS.items() if d == depths]
+        own = CONVNEXTV2_ARCHS[self.arch][0]
+        full = tuple(i for i in range(4) if depths[i] >= own[i])
+        text = f'The file holds {depths} blocks per stage (arch {self.arch!r}: {own})'
+        if archs:
+            text += f': use arch={archs[0]!r}' + (f' (or {archs[1:]})' if archs[1:] else '')
+        if full and full != tuple(range(4)):
+            text += f', or out_indices within the complete stages {full}'
+        return text + '.'
 
     def convert_state_dict(self, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Bring a checkpoint of any supported layout to this module's (timm) key names."""
