@@ -281,6 +281,24 @@ class FSDPRunner(Runner):
             return  # FullyShardedModel initialised the whole model before sharding
         super()._init_model_weights()
 
+    def wrap_model(self, model_wrapper_cfg, model):
+        """A leaf config's bf16 AMP (``AmpOptimWrapper(dtype='bfloat16')``) becomes FSDP's bf16
+        compute of the blocks (``param_dtype``) unless the wrapper config sets one, so the
+        sharded run computes in the precision the leaf config asked for. (fp16 AMP is not
+        carried over: without its loss scaler fp16 gradients underflow; the run computes in
+        the parameters' own dtype then.)"""
+        if (isinstance(model_wrapper_cfg, dict)
+                and str(model_wrapper_cfg.get('type', '')).endswith('FullyShardedModel')
+                and model_wrapper_cfg.get('param_dtype') is None):
+            optim = self.cfg.get('optim_wrapper', None) or {}
+            if (optim.get('type') == 'AmpOptimWrapper'
+                    and str(optim.get('dtype')).replace('torch.', '') == 'bfloat16'):
+                model_wrapper_cfg = copy.deepcopy(model_wrapper_cfg)
+                model_wrapper_cfg['param_dtype'] = 'bfloat16'
+                self.logger.info('FSDP: the config\'s bf16 AMP -> FSDP bf16 compute of the '
+                                 'blocks (param_dtype=bfloat16)')
+        return super().wrap_model(model_wrapper_cfg, model)
+
     def build_optim_wrapper(self, optim_wrapper):
         """A sharded model does its mixed precision in FSDP (``MixedPrecisionPolicy``): an
         ``AmpOptimWrapper`` from the leaf config becomes a plain ``OptimWrapper`` with the same
