@@ -185,3 +185,15 @@ def test_unit_grad_dtype_check_names_the_unit():
         check_unit_grad_dtypes(model, [u for u in units if not u.startswith('backbone.up')])
     with pytest.raises(ValueError, match='<root>'):  # no units: everything in the root
         check_unit_grad_dtypes(model, [])
+
+
+def test_planner_reads_the_wrapper_and_bf16_amp():
+    from mmengine.config import Config
+
+    from flora_mm.apis.memory import config_strategy, wrapper_settings
+    amp = dict(type='AmpOptimWrapper', dtype='bfloat16', optimizer=dict(type='AdamW'))
+    cfg = Config(dict(optim_wrapper=amp))
+    assert config_strategy(cfg) == 'ddp' and wrapper_settings(cfg) == (None, torch.bfloat16)
+    cfg = Config(dict(optim_wrapper=dict(amp, dtype='float16'),
+                      model_wrapper_cfg=dict(type='FullyShardedModel', units=['a'])))
+    assert config_strategy(cfg) == 'fsdp' and wrapper_settings(cfg) == (['a'], None)

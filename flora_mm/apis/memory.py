@@ -174,13 +174,18 @@ def build_meta_model(cfg) -> nn.Module:
 
 
 def wrapper_settings(cfg) -> tuple[Optional[list[str]], Optional[torch.dtype]]:
-    """(units, param_dtype) of the config's FullyShardedModel wrapper, or defaults."""
+    """(units, param_dtype) of the config's FullyShardedModel wrapper, or defaults; a bf16
+    ``AmpOptimWrapper`` means bf16 compute, as ``FSDPRunner.wrap_model`` maps it."""
     wrapper = cfg.get('model_wrapper_cfg', None) or {}
-    if str(wrapper.get('type', '')).split('.')[-1] != 'FullyShardedModel':
-        return None, None
-    dtype = wrapper.get('param_dtype', None)
+    units = dtype = None
+    if str(wrapper.get('type', '')).split('.')[-1] == 'FullyShardedModel':
+        dtype = wrapper.get('param_dtype', None)
+        units = wrapper.get('units', None)
+    optim = cfg.get('optim_wrapper', None) or {}
+    if (dtype is None and optim.get('type') == 'AmpOptimWrapper'
+            and str(optim.get('dtype')).replace('torch.', '') == 'bfloat16'):
+        dtype = 'bfloat16'
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    units = wrapper.get('units', None)
     return (list(units) if units is not None else None), dtype
 
 
