@@ -13,6 +13,7 @@ help:
 	@echo "make demo-all    the same for COCO, ADE20K and DOTA"
 	@echo "make test        set up and run the test suite"
 	@echo "make env         build or reuse the environment only"
+	@echo "make bench       time / memory of a training step per PEFT method (docs/performance.md)"
 	@echo "make -s python-path   print the environment's interpreter"
 	@echo "make gpu-check   on a GPU machine: train/test the tiny configs on CUDA, CUDA tests, 2-GPU run"
 
@@ -31,8 +32,12 @@ demo: env
 demo-all: env
 	$(PY) tools/demo.py --tasks coco ade20k dota
 
+# the run quoted in docs/performance.md; e.g. make bench BENCH_ARGS="--rounds 3 --no-memory"
+BENCH_ARGS ?= --arch tiny --batch 8 --size 224 --rounds 6
 bench: env
-	$(PY) tools/benchmark.py
+	@mkdir -p work_dirs/benchmark
+	$(PY) tools/benchmark.py $(BENCH_ARGS) --json work_dirs/benchmark/benchmark.json \
+		--plot work_dirs/benchmark/benchmark.png
 
 # on a machine with an NVIDIA driver `env` builds the cuda variant by itself (FLORA_MM_CUDA=1 forces it)
 gpu-check: env

@@ -96,7 +96,7 @@ class AdapterLayer(nn.Module):
 
     The base module is kept as a plain (unregistered) attribute so that the state-dict keys stay
     those of the plain layer; its parameters are re-registered here under the same names.
-    Subclasses implement ``delta_weight()`` and may provide ``linear_branch()`` for a factored
+    Subclasses implement ``delta_weight()`` and may provide ``linear_factors()`` for a factored
     linear path that never builds an out x in matrix.
     """
 
@@ -152,9 +152,14 @@ class AdapterLayer(nn.Module):
         """The scaled update, in the base weight's shape and the adapter's dtype."""
         raise NotImplementedError
 
-    def linear_branch(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Factored update applied to an input (linear layers); None if the method has none."""
+    def factored_rank(self) -> int | None:
+        """Inner size r of ``linear_factors()``; None where the method has no factored form."""
         return None
+
+    def linear_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The update of a linear layer as (in x r, r x out) factors, the scale folded into the
+        second: the update's output is ``x @ down @ up``."""
+        raise NotImplementedError
 
     def adapted_weight(self) -> torch.Tensor:
         """W0 + delta, summed in the adapter's precision, in the base weight's dtype."""
@@ -168,19 +173,61 @@ class AdapterLayer(nn.Module):
         """Re-derive any adapter state that depends on W0 (after W0 was loaded)."""
 
     # -- forward / merge ----------------------------------------------------------------------
+    #: linear layers: 'auto' picks the cheaper of the two exact forms below per layer,
+    #: 'factored' or 'materialised' forces one (tests, measurements)
+    linear_path: str = 'auto'
+    #: 'auto' materialises W0 + dW when in*out <= FACTORED_MIN_RATIO * r * (in + out)
+    FACTORED_MIN_RATIO: ClassVar[float] = 16.0
+
+    def uses_factored_linear(self) -> bool:
+        """Whether a linear layer runs ``x W0^T + (x down) up`` rather than one GEMM with
+        W0 + dW. The factored form adds thin GEMMs over every row of x (~6 memory-bound passes
+        over the input and output in forward + backward, r-wide); the materialised one adds one
+        weight-gradient GEMM (rows x in x out multiply-adds). The first is cheaper for wide
+        layers only: on the measured CPU the two cost the same near in = 384, out = 1536, r = 16
+        (docs/performance.md), where in*out ~ 16 r (in + out)."""
+        rank = self.factored_rank() if self.kind == 'Linear' else None
+        if rank is None or self.linear_path == 'materialised':
+            return False
+        if self.linear_path == 'factored' or not self._direct:
+            return True  # a subclass's own forward keeps the form it always had: base(x) + update
+        out_features, in_features = self.weight.shape
+        return in_features * out_features > self.FACTORED_MIN_RATIO * rank * (
+            in_features + out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_op(x, self.weight, self.bias)
-        if self.kind == 'Linear':
-            branch = self.linear_branch(self.dropout(x))  # nn.Dropout is a no-op in eval
-            if branch is not None:
-                return self.base_op(x, self.weight, self.bias) + self._cast_like(branch, x)
-        if self.training and isinstance(self.dropout, nn.Dropout):
+        dropout = self.training and isinstance(self.dropout, nn.Dropout)
+        if self.kind == 'Linear' and self.factored_rank() is not None and (
+                dropout or self.uses_factored_linear()):
+            return self._factored_linear(x, self.dropout(x))  # nn.Dropout: no-op in eval
+        if dropout:
             # dropout acts on the update's input only: this costs a second op with the update
             delta = self.delta_weight()
             return (self.base_op(x, self.weight, self.bias)
                     + self.base_op(self.dropout(x), self._cast_like(delta, self.weight), None))
         return self.base_op(x, self.adapted_weight(), self.bias)
+
+    def _factored_linear(self, x: torch.Tensor, x_update: torch.Tensor) -> torch.Tensor:
+        """``base(x) + (x_update @ down) @ up``, the update accumulated into the base GEMM's
+        output in place (no second out-sized tensor and no extra pass over it)."""
+        down, up = self.linear_factors()
+        out_features, in_features = self.weight.shape
+        lead = x.shape[:-1]
+        rows = x_update.reshape(-1, in_features)
+        if not torch.is_autocast_enabled(rows.device.type):
+            rows = rows.to(down.dtype)  # fp32 adapters on a low-precision backbone; else no copy
+        h = rows @ down
+        if self._direct:
+            # 2-D and not a view: in-place on a view would make autograd copy the gradient
+            out = F.linear(x.reshape(-1, in_features), self.weight, self.bias)
+            if out.dtype == h.dtype == up.dtype:
+                return out.addmm_(h, up).view(*lead, out_features)
+        else:
+            out = self.base_op(x, self.weight, self.bias).reshape(-1, out_features)
+        # the update in the adapters' precision, added in the output's
+        return (out + (h @ up).to(out.dtype)).view(*lead, out_features)
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -50,7 +50,7 @@ class DoRALayer(LoRALayer):
         directional = self.weight.float() + self.scaling * self.lora_matrix()
         return self._factor(directional) * directional - self.weight.float()
 
-    def linear_branch(self, x: torch.Tensor) -> None:
+    def factored_rank(self) -> None:
         return None  # the norm needs the full matrix: run one op with W'
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,8 @@ class FLoRALayer(AdapterLayer):
     """FLoRA adapter on a Linear or Conv{1,2,3}d layer.
 
     Conv: one convolution with W0 + s*dW (dW is built from the small factors each forward).
-    Linear: x -> (in -> r_2) -> core (r_2 -> r_1) -> (r_1 -> out); no out x in matrix is built.
+    Linear: wide layers run x W0^T + (x U_2)(s U_1 G)^T and never build an out x in matrix;
+    narrow ones one GEMM with W0 + s*dW, which is cheaper there (``uses_factored_linear``).
     """
 
     adapter_prefixes = ('flora_core', 'flora_factors')
@@ -87,11 +88,14 @@ class FLoRALayer(AdapterLayer):
     def delta_weight(self) -> torch.Tensor:
         return self.scale * tucker_product(self.flora_core, list(self.flora_factors))
 
-    def linear_branch(self, x: torch.Tensor) -> torch.Tensor:
+    def factored_rank(self) -> int | None:
+        return self.ranks[1] if self.kind == 'Linear' else None
+
+    def linear_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """x dW^T = s x U_2 G^T U_1^T = (x U_2) (s U_1 G)^T: down = U_2 (in x r2), up =
+        (s U_1 G)^T (r2 x out); the core and the scale go into the small matrix."""
         out_factor, in_factor = self.flora_factors  # (out, r1), (in, r2)
-        h = x.to(in_factor.dtype) @ in_factor          # (..., r2)
-        h = h @ self.flora_core.transpose(0, 1)         # (..., r1)
-        return self.scale * (h @ out_factor.transpose(0, 1))
+        return in_factor, (self.scale * (out_factor @ self.flora_core)).transpose(0, 1)
 
 
 def tucker_product(core: torch.Tensor, factors: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """LoRA (Hu et al. 2021; FLoRA paper eq. 1-3) on the same mechanism as FLoRA.
 
-Linear: ``dW = (alpha / r) * B A`` with A (r x in), B (out x r), run as the factored path.
+Linear: ``dW = (alpha / r) * B A`` with A (r x in), B (out x r), run factored on wide layers.
 Conv: the same matrix over the flattened weight (out x (in/groups)*k*...) reshaped to the weight's
 shape (paper eq. 3), one convolution with W0 + dW. Because the input side is in/groups, grouped
 and depthwise convs are adapted and merge exactly (peft's conv LoRA cannot merge them).
@@ -51,9 +51,12 @@ class LoRALayer(AdapterLayer):
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * self.lora_matrix()
 
-    def linear_branch(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.to(self.lora_A.dtype) @ self.lora_A.transpose(0, 1)
-        return self.scaling * (h @ self.lora_B.transpose(0, 1))
+    def factored_rank(self) -> int | None:
+        return self.rank if self.kind == 'Linear' else None
+
+    def linear_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """x dW^T = (x A^T)(scaling B)^T: down = A^T (in x r), up = (scaling B)^T (r x out)."""
+        return self.lora_A.transpose(0, 1), (self.scaling * self.lora_B).transpose(0, 1)
 
 
 @dataclass

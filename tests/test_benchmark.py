@@ -1,0 +1,136 @@
+"""The benchmark measures what it says: the rows, the interleaving, the ratios, the memory."""
+import importlib.util
+import json
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flora_mm.apis.benchmark import (METHODS, BenchConfig, TrainCase, format_table,
+                                     interleaved_times, method_configs, peak_memory_mib,
+                                     plot_result, run_benchmark, tune_glibc_malloc)
+from flora_mm.peft import inject_adapters
+
+ROOT = __import__('os').path.dirname(__import__('os').path.dirname(__file__))
+
+
+@pytest.mark.parametrize('layer, shape', [(nn.Conv2d(6, 8, 3, padding=1), (2, 6, 7, 7)),
+                                          (nn.Conv2d(8, 8, 7, padding=3, groups=8),
+                                           (2, 8, 9, 9)),
+                                          (nn.Linear(12, 10), (3, 12))])
+def test_reference_form_computes_flora_with_a_second_op(layer, shape, monkeypatch):
+    """Same tensors, same output as FLoRA; but two ops (base + materialised dW), as in the
+    authors' layers.py."""
+    fast, ref = nn.Sequential(layer), nn.Sequential(__import__('copy').deepcopy(layer))
+    inject_adapters(fast, method_configs()['FLoRA'])
+    inject_adapters(ref, method_configs()['FLoRA-ref'])
+    ref.load_state_dict(fast.state_dict())
+    with torch.no_grad():
+        fast[0].flora_core.normal_()
+        ref[0].flora_core.copy_(fast[0].flora_core)
+    x = torch.randn(shape)
+    op = 'linear' if isinstance(layer, nn.Linear) else 'conv2d'
+    calls = []
+    orig = getattr(F, op)
+    monkeypatch.setattr(F, op, lambda *a, **k: calls.append(1) or orig(*a, **k))
+    out = ref(x)
+    assert len(calls) == 2
+    torch.testing.assert_close(out, fast(x), rtol=1e-5, atol=1e-5)
+    delta = fast[0].delta_weight()
+    kw = {} if op == 'linear' else dict(padding=layer.padding, groups=layer.groups)
+    expected = orig(x, layer.weight, layer.bias, **kw) + orig(x, delta, None, **kw)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_interleaving_rotates_the_order_and_drops_the_warmup():
+    calls = []
+    fns = {n: (lambda n=n: calls.append(n)) for n in 'abc'}
+    times = interleaved_times(fns, rounds=3, warmup=1, device=torch.device('cpu'))
+    assert calls == list('abc' 'bca' 'cab' 'abc')
+    assert {n: (len(t['wall']), len(t['cpu'])) for n, t in times.items()} == {
+        'a': (3, 3), 'b': (3, 3), 'c': (3, 3)}
+    assert all(t >= 0 for ts in times.values() for clock in ts.values() for t in clock)
+
+
+def test_cpu_clock_leaves_out_time_the_process_does_not_run():
+    import time
+    times = interleaved_times({'sleep': lambda: time.sleep(0.2)}, rounds=1, warmup=0,
+                              device=torch.device('cpu'))
+    assert times['sleep']['wall'][0] >= 0.2 > 10 * times['sleep']['cpu'][0]
+
+
+def test_floor_sends_gradients_to_the_input_only():
+    cfg = BenchConfig(arch='atto', batch=2, size=32, memory=False, inference=False)
+    floor, frozen = TrainCase('Floor', cfg), TrainCase('Frozen', cfg)
+    for case in (floor, frozen):
+        case.step()
+        assert all(p.grad is None for p in case.backbone.parameters())
+        assert all(p.grad is not None for p in case.head.parameters())
+    assert floor.x.grad is not None and floor.x.grad.abs().sum() > 0
+    assert frozen.x.grad is None
+
+
+def test_bad_settings_fail_clearly():
+    with pytest.raises(ValueError, match='unknown method'):
+        BenchConfig(methods=('LoRA', 'QLoRA'))
+    with pytest.raises(ValueError, match='arch'):
+        BenchConfig(arch='gigantic')
+    with pytest.raises(ValueError, match='rounds'):
+        BenchConfig(rounds=0)
+    with pytest.raises(ValueError, match='clock'):
+        BenchConfig(clock='sundial')
+
+
+def test_malloc_tuning_applies_on_glibc():
+    import platform
+    assert tune_glibc_malloc() == (platform.libc_ver()[0] == 'glibc')
+
+
+def test_small_run_rows_ratios_and_outputs(tmp_path):
+    methods = ('Floor', 'LoRA', 'FLoRA', 'Full')
+    cfg = BenchConfig(arch='atto', batch=2, size=32, rounds=2, warmup=1, methods=methods,
+                      memory=False, clock='cpu')
+    result = run_benchmark(cfg)
+    rows = {r['method']: r for r in result.rows}
+    assert list(rows) == list(methods)
+    for name, row in rows.items():
+        assert len(row['times']['wall']) == 2
+        assert len(row['times']['cpu']) == 2
+        for ref in ('Floor', 'LoRA', 'Full'):
+            assert row[f'x_{ref}'] == pytest.approx(row['cpu_s_step'] / rows[ref]['cpu_s_step'])
+    assert rows['FLoRA']['trainable'] < rows['LoRA']['trainable'] < rows['Full']['trainable']
+    # adapters keep their layers' inputs for their weight gradients; Floor does not need them
+    assert rows['Floor']['saved_mib'] < min(rows[m]['saved_mib'] for m in ('LoRA', 'FLoRA'))
+    inf = result.inference
+    assert inf['ratio'] == pytest.approx(inf['merged_s'] / inf['plain_s']) and inf['plain_s'] > 0
+    table = format_table(result)
+    assert 'Floor (frozen, input grads)' in table and 'merged' in table
+    json.dumps(asdict(result))  # everything the tool writes with --json is serialisable
+    if importlib.util.find_spec('matplotlib') is not None:
+        plot_result(result, str(tmp_path / 'bench.png'))
+        assert (tmp_path / 'bench.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_peak_memory_counts_what_a_method_keeps():
+    """Full keeps gradients and two AdamW moments of every weight: 3 x 13 MiB on atto."""
+    cfg = BenchConfig(arch='atto', batch=2, size=32)
+    weights = sum(p.numel() for p in TrainCase('Full', cfg).backbone.parameters()) * 4 / 2 ** 20
+    floor, full = peak_memory_mib('Floor', cfg), peak_memory_mib('Full', cfg)
+    assert floor > weights  # the weights are built after the reset
+    assert full - floor > 2 * weights
+
+
+def test_tool_rejects_bad_arguments_before_measuring(tmp_path):
+    run = [sys.executable, 'tools/benchmark.py', '--arch', 'atto', '--size', '32']
+    res = subprocess.run(run + ['--methods', 'Nope'], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode != 0 and 'invalid choice' in res.stderr
+    res = subprocess.run(run + ['--json', str(tmp_path / 'missing' / 'x.json')], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and 'does not exist' in res.stderr
+    res = subprocess.run(run + ['--batch', '0'], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode != 0 and 'batch must be >= 1' in res.stderr
+    assert set(METHODS) >= {'Floor', 'FLoRA-ref', 'Full'}
