@@ -21,7 +21,6 @@ checkpointing, and can only be measured on a GPU.
 """
 from __future__ import annotations
 
-import copy
 import math
 import re
 from collections import OrderedDict
