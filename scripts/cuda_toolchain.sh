@@ -7,10 +7,12 @@
 #    (bin/nvcc, include/, lib64/ with libcudart.so, which torch's wheel ships as .so.13 only);
 # 3. bin/nvcc is a wrapper that turns -std=c++14/-std=c++17 into -std=c++20: mmcv's setup.py
 #    hard-codes c++14 for nvcc, while torch 2.14's headers refuse anything before C++20;
-# 4. MMCV_CUDA_ARGS (read by mmcv's setup.py and passed to every nvcc call): cccl's include folder,
-#    and the four __CUDA_NO_HALF* defines. torch's BuildExtension adds them itself, but mmcv's
-#    roi_align_cuda_kernel.cuh fails with "more than one operator > matches" without them, so
-#    they are stated here too rather than relied on.
+# 4. MMCV_CUDA_ARGS: cccl's include folder (thrust/cub for mmcv's nms kernels). mmcv's setup.py
+#    passes this variable to nvcc as ONE argument, so it must hold a single flag: a list with
+#    spaces reaches nvcc as one malformed -I. The four -D__CUDA_NO_HALF* defines, without which
+#    mmcv's roi_align_cuda_kernel.cuh fails with "more than one operator > matches", come from
+#    torch's BuildExtension itself (COMMON_NVCC_FLAGS); they are visible in the generated
+#    build.ninja's cuda_post_cflags.
 # No source file of mmcv is edited.
 
 setup_cuda_toolchain() {
@@ -49,6 +51,6 @@ SH
   export CUDA_HOME="$home" CUDA_PATH="$home"
   export FORCE_CUDA=1
   export TORCH_CUDA_ARCH_LIST="$archs"
-  export MMCV_CUDA_ARGS="-I$cu13/include/cccl -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__"
+  export MMCV_CUDA_ARGS="-I$cu13/include/cccl"
   log "CUDA toolchain: $("$home/bin/nvcc" --version | tail -n1); archs $archs; CUDA_HOME=$home"
 }
