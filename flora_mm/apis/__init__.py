@@ -8,6 +8,7 @@
 - ``model``: the config's model with its PEFT method injected, without a Runner;
 - ``merge``: ``merge`` (tools/merge_adapters.py);
 - ``count``: ``count_params`` (tools/count_params.py);
+- ``memory``: the per-GPU memory planner (tools/estimate_memory.py);
 - ``demo``: ``make_tiny_data`` (tools/make_tiny_data.py) and ``run_demo`` (tools/demo.py);
 - ``cuda_ops``: whether the installed mmcv carries the detectors' CUDA kernels;
 - ``gpu_check``: ``run_gpu_check`` (tools/gpu_check.py, ``make gpu-check``).

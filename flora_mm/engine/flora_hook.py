@@ -41,7 +41,8 @@ from torch import nn
 from ..peft import (DEFAULT_GROUP, build_peft_method, count_parameters, format_table,
                     inject_into_parts, injected_roots, normalize_parts, parameter_table,
                     unexpected_trainable, update_norms)
-from ..peft.io import (base_digests, base_fingerprint, load_adapter_checkpoint,
+from ..peft.io import (base_digests, base_fingerprint, gathered_trainable_state_dict,
+                       load_adapter_checkpoint,
                        save_adapter_checkpoint, trainable_state_dict)
 from ..registry import HOOKS
 from .checkpoint import (ATOMIC_BACKEND, CKPT_KEY, CheckpointError, check_checkpoint_fits,
@@ -179,6 +180,11 @@ class FLoRAHook(Hook):
                 hook.backend_args = dict(backend=ATOMIC_BACKEND)
 
     def _inject(self, runner, model: nn.Module) -> None:
+        from .fsdp import is_fully_sharded
+        if is_fully_sharded(runner.model):
+            raise RuntimeError('FLoRAHook(peft=...) injects after the Runner has sharded the '
+                               'model (FSDP); build the backbone with type=\'PEFTBackbone\' so '
+                               'the adapters exist before sharding')
         changed = False
         for part, names in inject_into_parts(model, self.peft, self.parts).items():
             if names is None:
@@ -214,9 +220,10 @@ class FLoRAHook(Hook):
 
     def _after_resume(self, runner, model: nn.Module) -> None:
         resumed = self._resumed
-        if self.save_adapter and is_main_process() and resumed['path']:
+        if self.save_adapter and resumed['path']:
             # killed between the checkpoint and its adapter file: the model holds exactly the
-            # checkpoint's state now, so the missing file is written from it
+            # checkpoint's state now, so the missing file is written from it (every rank takes
+            # part: the tensors may be FSDP shards)
             adapter = self._adapter_path(resumed['path'])
             if not osp.isfile(adapter):
                 self._write_adapter(runner, model, resumed['path'], resumed['meta'])
@@ -328,8 +335,13 @@ class FLoRAHook(Hook):
 
     def _write_adapter(self, runner, model: nn.Module, checkpoint_path: str, meta: dict) -> None:
         path = self._adapter_path(checkpoint_path)
+        # every rank takes part in gathering FSDP-sharded tensors (FSDPRunner runs the
+        # checkpoint hooks on every rank); rank 0 writes
+        tensors = gathered_trainable_state_dict(model, rank0_only=True)
+        if not is_main_process():
+            return
         save_adapter_checkpoint(
-            model, path, fingerprint=self._fingerprint,
+            model, path, fingerprint=self._fingerprint, tensors=tensors,
             meta=dict(checkpoint=osp.basename(checkpoint_path), epoch=meta.get('epoch'),
                       iter=meta.get('iter'), experiment=runner.experiment_name))
         runner.logger.info(f'FLoRAHook: adapter checkpoint {path} '

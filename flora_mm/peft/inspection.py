@@ -13,6 +13,7 @@ from torch import nn
 
 from .api import adapter_layers, injected_roots
 from .base import injection_state
+from .norms import update_sq_norm
 
 #: stage names of ConvNeXt (``stages.N``), ViTs (``blocks.N``) and HF-style encoders
 DEFAULT_GROUP = r'(stages\.\d+|blocks\.\d+|layers\.\d+)'
@@ -61,11 +62,15 @@ def unexpected_trainable(model: nn.Module) -> tuple[list[str], list[str]]:
 
 
 def update_norms(model: nn.Module, group_pattern: str = DEFAULT_GROUP) -> dict[str, float]:
-    """||s * dW||_F per stage (square root of the summed squares of its layers)."""
+    """||s * dW||_F per stage (square root of the summed squares of its layers).
+
+    Closed forms where they exist (FLoRA, LoRA: ``flora_mm.peft.norms``), no full-size dW;
+    works on FSDP-sharded adapters (call on every rank then).
+    """
     sums: dict[str, float] = OrderedDict()
     with torch.no_grad():
         for name, layer in adapter_layers(model):
             match = re.search(group_pattern, name)
             group = match.group(1) if match else 'other'
-            sums[group] = sums.get(group, 0.0) + float(layer.delta_weight().float().pow(2).sum())
+            sums[group] = sums.get(group, 0.0) + float(update_sq_norm(layer))
     return {k: v ** 0.5 for k, v in sums.items()}

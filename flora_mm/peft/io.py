@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..utils import atomic_paths, tensor_bytes
+from ..dist import any_sharded, checksums, gather_full
+from ..utils import atomic_paths
 from .api import adapter_state_dict, injected_roots, load_adapter_state_dict, unmerged
 
 FORMAT = 'flora_mm.adapter/1'
@@ -46,39 +47,68 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in out.items()}
 
 
-def base_fingerprint(model: nn.Module) -> str:
-    """sha256 over the frozen base tensors' names, shapes, dtypes and bytes.
+def base_checksums(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """{name: checksum} of every frozen base tensor (meta tensors left out).
 
-    Computed on the CPU copy of each tensor; tensors in merged adapter layers are read unmerged.
+    Computed where each tensor lives (GPU, CPU, or this rank's FSDP shard, combined over the
+    ranks by one all-reduce: call on every rank); the value does not depend on the device or on
+    the sharding (``flora_mm.dist.partial_checksum``). No host copy of the weights.
+    """
+    state = model.state_dict()
+    return checksums({name: state[name] for name in base_state_names(model)})
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """sha256 over the frozen base tensors' names, shapes, dtypes and checksums.
+
+    Tensors in merged adapter layers are read unmerged. A file written by a sharded run checks
+    against an unsharded model and the other way round.
     """
     with unmerged(model):
+        sums = base_checksums(model)
         digest = hashlib.sha256()
         state = model.state_dict()
         for name in base_state_names(model):
             t = state[name]
             digest.update(f'{name}|{tuple(t.shape)}|{t.dtype}'.encode())
-            if t.device.type != 'meta':
-                digest.update(tensor_bytes(t))
+            if name in sums:
+                digest.update(f'|{sums[name][0]}|{sums[name][1]}'.encode())
         return digest.hexdigest()
 
 
 def base_digests(model: nn.Module) -> dict[str, str]:
-    """sha256 of each frozen base tensor (meta tensors left out): shows WHICH ones changed."""
-    state = model.state_dict()
-    return {name: hashlib.sha256(tensor_bytes(state[name])).hexdigest()
-            for name in base_state_names(model) if state[name].device.type != 'meta'}
+    """One digest per frozen base tensor (meta tensors left out): shows WHICH ones changed."""
+    return {name: f'{a & (2 ** 64 - 1):016x}{b & (2 ** 64 - 1):016x}'
+            for name, (a, b) in base_checksums(model).items()}
+
+
+def gathered_trainable_state_dict(model: nn.Module,
+                                  rank0_only: bool = True) -> dict[str, torch.Tensor]:
+    """``trainable_state_dict`` at full shape on the CPU. FSDP-sharded tensors are gathered one
+    at a time (call on every rank; with ``rank0_only`` the other ranks get {}): an adapter file
+    of a sharded run must not hold rank 0's shards only (the peft + ZeRO-3 "empty adapter"
+    trap)."""
+    tensors = trainable_state_dict(model)
+    if not any_sharded(tensors.values()):
+        return {k: v.contiguous().cpu().clone() for k, v in tensors.items()}
+    return {k: v.contiguous() for k, v in gather_full(tensors, rank0_only=rank0_only).items()}
 
 
 def save_adapter_checkpoint(model: nn.Module, path: str, meta: dict[str, Any] | None = None,
-                            fingerprint: str | None = None) -> tuple[str, str]:
+                            fingerprint: str | None = None,
+                            tensors: dict[str, torch.Tensor] | None = None) -> tuple[str, str]:
     """Write ``path`` (.safetensors) and ``path`` with .json; returns both paths.
+
+    ``tensors``: the trained tensors already gathered (``gathered_trainable_state_dict``; a
+    sharded run gathers on every rank and writes on rank 0).
 
     Both files are written to temporary names first and renamed together, so a crash leaves
     no half-written file.
     """
     if not path.endswith('.safetensors'):
         raise ValueError(f'adapter checkpoint path must end with .safetensors: {path}')
-    tensors = {k: v.contiguous().cpu().clone() for k, v in trainable_state_dict(model).items()}
+    if tensors is None:
+        tensors = gathered_trainable_state_dict(model)
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise ValueError(f'refusing to write {path}: {len(bad)} tensors hold NaN/Inf '

@@ -1,0 +1,475 @@
+"""Sharded training with torch FSDP2 (``fully_shard``) through mmengine's Runner.
+
+Why FSDP2: it shards every parameter separately (DTensor on dim 0), so a frozen bf16 base and
+fp32 adapters can live in the same block; FSDP1's flat parameters need one dtype and one
+``requires_grad`` per unit. mmengine 0.10.7's own ``FSDPStrategy`` wraps with FSDP1 and a CUDA
+``device_id``, so it cannot run on the CPU.
+
+Two registered pieces, switched on by ``configs/_base_/fsdp.py`` (any leaf config + that
+fragment = its sharded variant; no new command-line arguments):
+
+- ``model_wrapper_cfg=dict(type='FullyShardedModel', ...)`` (``MODEL_WRAPPERS``): the Runner's
+  own route for distributed wrappers. It initialises the model (pretrained weights, adapters)
+  while it is still whole, makes the ranks equal (as DDP does), then calls ``fully_shard`` on
+  one unit per InternViT block / ConvNeXt-V2 block (+ the stem / patch embedding) and on the
+  root. Optional composable (non-reentrant) activation checkpointing per unit, and a
+  ``MixedPrecisionPolicy``. Without ``--launcher`` the Runner does not wrap at all: the same
+  config then trains unsharded on one device.
+- ``runner_type='FSDPRunner'`` (``RUNNERS``): checkpoints. mmengine saves on rank 0 only, and
+  a sharded model's ``state_dict()`` holds shards: rank 0 alone would write an incomplete file.
+  Every rank takes part in gathering the complete model and optimizer state
+  (``torch.distributed.checkpoint.state_dict``, full state, offloaded to the CPU), rank 0 writes
+  an ordinary mmengine checkpoint. Loading (``load_from``, ``--resume``, ``tools/test.py``) reads
+  the file on rank 0 and broadcasts it into the shards. The file is independent of the world
+  size, so a run resumes on any number of processes, and ``tools/test.py`` /
+  ``tools/merge_adapters.py`` read it like any other checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import re
+import time
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from mmengine.dist import broadcast_object_list, get_rank, is_main_process
+from mmengine.model import is_model_wrapper
+from mmengine.optim import OptimWrapper
+from mmengine.registry import MODEL_WRAPPERS, RUNNERS
+from mmengine.runner import Runner
+from mmengine.runner.checkpoint import _load_checkpoint, save_checkpoint
+from mmengine.utils import apply_to
+from torch import nn
+
+from ..dist import gather_full
+from ..peft.base import AdapterLayer
+
+#: module names that become one FSDP unit each (``re.search``): InternViT's ``blocks.N``,
+#: ConvNeXt-V2's ``stages.S.blocks.N``, the patch embedding / stem, InternViT's simple-FPN
+#: branches ``up1..up4`` and the backbone itself (what is left of it: position embedding,
+#: class token, downsample layers, output norms). FSDP2 reduces ONE gradient dtype per unit, so
+#: a bf16 backbone's trainable leftovers and the fp32 FPN / heads must not share a unit.
+DEFAULT_UNITS = (r'(^|\.)blocks\.\d+$', r'(^|\.)patch_embed$', r'(^|\.)stem$',
+                 r'(^|\.)backbone\.up\d$', r'(^|\.)backbone$')
+_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16,
+           None: None}
+
+
+def _dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    if isinstance(value, torch.dtype) or value is None:
+        return value
+    if value not in _DTYPES:
+        raise ValueError(f'dtype must be one of {sorted(k for k in _DTYPES if k)} or None, '
+                         f'got {value!r}')
+    return _DTYPES[value]
+
+
+def is_fully_sharded(model: nn.Module) -> bool:
+    """Whether ``fully_shard`` was applied to ``model`` (or it wraps such a model)."""
+    from torch.distributed.fsdp import FSDPModule
+    if is_model_wrapper(model):
+        model = model.module
+    return isinstance(model, FSDPModule)
+
+
+def shard_units(model: nn.Module, patterns: Sequence[str] = DEFAULT_UNITS) -> list[str]:
+    """Names of the submodules that become FSDP units, deepest first (fully_shard's order)."""
+    compiled = [re.compile(p) for p in patterns]
+    names = [n for n, _ in model.named_modules() if n and any(c.search(n) for c in compiled)]
+    # a unit inside another unit is fine (bottom-up), but keep each name once
+    names = list(dict.fromkeys(names))
+    return sorted(names, key=lambda n: -n.count('.'))
+
+
+def check_unit_grad_dtypes(model: nn.Module, unit_names: Sequence[str],
+                           param_dtype: torch.dtype | None = None) -> None:
+    """Fail early, naming the unit, where FSDP2 would fail in the first backward: the trainable
+    parameters of one unit (deepest enclosing unit; the rest is the root) must produce one
+    gradient dtype (their own dtype, or ``param_dtype`` when the unit computes in it)."""
+    owner: dict[str, set] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        unit = next((u for u in unit_names if name.startswith(u + '.')), '')
+        dtype = param_dtype if (param_dtype is not None and unit) else param.dtype
+        owner.setdefault(unit, set()).add(dtype)
+    mixed = {u or '<root>': sorted(str(d) for d in ds) for u, ds in owner.items() if len(ds) > 1}
+    if mixed:
+        raise ValueError(f'FSDP: trainable parameters of mixed dtypes in one unit {mixed}: FSDP2 '
+                         'reduces one gradient dtype per unit. Add the submodules of the other '
+                         'dtype as their own units (model_wrapper_cfg.units), or store them in '
+                         'one dtype and compute in bf16 with param_dtype=\'bfloat16\'')
+
+
+def _release_base_layer_params(model: nn.Module) -> None:
+    """Adapter layers keep their original base layer (unregistered) for its op and config;
+    it still references the full-size W0. FSDP2 swaps the registered parameters only, so that
+    reference would keep a full unsharded copy of every adapted weight alive on every rank.
+    The base layer's op always gets the weight passed in (``AdapterLayer.base_op``), so its own
+    entries are dropped; ``remove_adapters`` puts parameters back when unwrapping."""
+    for module in model.modules():
+        if isinstance(module, AdapterLayer):
+            base = module.base_layer
+            for name in list(base._parameters):
+                base._parameters[name] = None
+
+
+@torch.no_grad()
+def _sync_from_rank0(model: nn.Module) -> None:
+    """Broadcast every parameter and buffer from rank 0, as DDP does when it wraps."""
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        dist.broadcast(tensor.data, src=0)
+
+
+def shard_model(model: nn.Module, *, units: Sequence[str] = DEFAULT_UNITS,
+                activation_checkpointing: bool = False,
+                param_dtype: str | torch.dtype | None = None,
+                reduce_dtype: str | torch.dtype | None = 'float32',
+                reshard_after_forward: bool = True, sync_module_states: bool = True,
+                device_type: str | None = None) -> nn.Module:
+    """Apply FSDP2 to ``model`` in place (the process group must exist) and return it.
+
+    ``param_dtype=None`` keeps every parameter's own dtype for compute (a bf16 base with fp32
+    adapters stays so, as in the unsharded run); ``'bfloat16'`` makes the units (the blocks)
+    compute in bf16 while the sharded parameters, gradients after reduction (``reduce_dtype``)
+    and optimizer states stay in their storage dtype (fp32 master weights for Full
+    fine-tuning); the root (heads, necks, embeddings) always computes in its storage dtype.
+    ``activation_checkpointing``: torch's composable, non-reentrant checkpoint per innermost
+    unit (the blocks; adapters inside a frozen block still get gradients); the backbones' own
+    ``with_cp`` does the same per block, so turn on one of the two.
+    """
+    from torch.distributed._composable import checkpoint as composable_checkpoint
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError('shard_model needs an initialised process group (launch with '
+                           'torchrun / tools/dist_train.sh and --launcher pytorch)')
+    if device_type is None:
+        device_type = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if device_type == 'cuda':
+        torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    mp_policy = MixedPrecisionPolicy(param_dtype=_dtype(param_dtype),
+                                     reduce_dtype=_dtype(reduce_dtype))
+    if sync_module_states:
+        _sync_from_rank0(model)
+    _release_base_layer_params(model)
+    names = shard_units(model, units)
+    if not names:
+        raise ValueError(f'FSDP: no submodule matches the unit patterns {list(units)}; every '
+                         'parameter would sit in one unit (no memory saving)')
+    check_unit_grad_dtypes(model, names, _dtype(param_dtype))
+    # outermost units hand their output to the root, which computes in its storage dtype:
+    # with a low-precision param_dtype their outputs go back to fp32
+    outer_policy = mp_policy
+    if mp_policy.param_dtype is not None:
+        outer_policy = MixedPrecisionPolicy(param_dtype=mp_policy.param_dtype,
+                                            reduce_dtype=mp_policy.reduce_dtype,
+                                            output_dtype=torch.float32)
+    for name in names:
+        unit = model.get_submodule(name)
+        outermost = not any(name.startswith(other + '.') for other in names)
+        innermost = not any(other.startswith(name + '.') for other in names)
+        if activation_checkpointing and innermost:  # one checkpoint level: the blocks
+            composable_checkpoint(unit)
+        fully_shard(unit, mesh=mesh, mp_policy=outer_policy if outermost else mp_policy,
+                    reshard_after_forward=reshard_after_forward)
+    # the root (heads, necks, embeddings) keeps its storage dtype: only the units compute in
+    # ``param_dtype``, as InternVL runs a bf16 trunk under an fp32 head
+    fully_shard(model, mesh=mesh,
+                mp_policy=MixedPrecisionPolicy(reduce_dtype=_dtype(reduce_dtype)))
+    return model
+
+
+@MODEL_WRAPPERS.register_module()
+class FullyShardedModel(nn.Module):
+    """mmengine model wrapper around an FSDP2-sharded model (``model_wrapper_cfg``).
+
+    Same interface as ``MMDistributedDataParallel``: ``module`` is the (sharded) model itself,
+    so hooks, checkpoints and state-dict keys see the plain model's names.
+
+    Args:
+        module: the model the Runner built (whole, on this rank's device).
+        units, activation_checkpointing, param_dtype, reduce_dtype, reshard_after_forward:
+            see :func:`shard_model`.
+        init_before_sharding: run ``module.init_weights()`` while the model is whole (mmengine
+            would run it after wrapping, on shards); :class:`FSDPRunner` skips its own call.
+    """
+
+    def __init__(self, module: nn.Module, units: Sequence[str] = DEFAULT_UNITS,
+                 activation_checkpointing: bool = False,
+                 param_dtype: str | None = None, reduce_dtype: str | None = 'float32',
+                 reshard_after_forward: bool = True, init_before_sharding: bool = True) -> None:
+        super().__init__()
+        if init_before_sharding and hasattr(module, 'init_weights'):
+            module.init_weights()
+        self.module = shard_model(module, units=units,
+                                  activation_checkpointing=activation_checkpointing,
+                                  param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+                                  reshard_after_forward=reshard_after_forward)
+        self.units = shard_units(module, units)
+
+    # -- mmengine's model interface ----------------------------------------------------------
+    def train_step(self, data: dict | tuple | list, optim_wrapper: OptimWrapper) -> dict:
+        with optim_wrapper.optim_context(self):
+            data = self.module.data_preprocessor(data, training=True)
+            losses = self._run_forward(data, mode='loss')
+        parsed_loss, log_vars = self.module.parse_losses(losses)
+        optim_wrapper.update_params(parsed_loss)
+        return log_vars
+
+    def val_step(self, data: dict | tuple | list) -> list:
+        return self.module.val_step(data)
+
+    def test_step(self, data: dict | tuple | list) -> list:
+        return self.module.test_step(data)
+
+    def _run_forward(self, data: dict | tuple | list, mode: str) -> Any:
+        if isinstance(data, dict):
+            return self.module(**data, mode=mode)
+        if isinstance(data, (list, tuple)):
+            return self.module(*data, mode=mode)
+        raise TypeError(f'Output of data_preprocessor should be list, tuple or dict, '
+                        f'but got {type(data)}')
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Gradient accumulation (``accumulative_counts``): no reduce-scatter until the last
+        micro-step, as DDP's ``no_sync``."""
+        self.module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.module.set_requires_gradient_sync(True)
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------- state dicts
+def _options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(**kwargs)
+
+
+def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The complete state dict on rank 0 (CPU), {} on the other ranks; every rank must call."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    return get_model_state_dict(model, options=_options(full_state_dict=True, cpu_offload=True))
+
+
+def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The complete optimizer state keyed by parameter names, on rank 0 (CPU)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    return get_optimizer_state_dict(model, optimizer,
+                                    options=_options(full_state_dict=True, cpu_offload=True))
+
+
+@RUNNERS.register_module()
+class FSDPRunner(Runner):
+    """mmengine's Runner with checkpoint I/O for FSDP2-sharded models (see module docstring).
+
+    Without sharding (no launcher, or another wrapper) it is mmengine's Runner unchanged.
+    """
+
+    def _init_model_weights(self) -> None:
+        if is_fully_sharded(self.model):
+            return  # FullyShardedModel initialised the whole model before sharding
+        super()._init_model_weights()
+
+    def wrap_model(self, model_wrapper_cfg, model):
+        """A leaf config's bf16 AMP (``AmpOptimWrapper(dtype='bfloat16')``) becomes FSDP's bf16
+        compute of the blocks (``param_dtype``) unless the wrapper config sets one, so the
+        sharded run computes in the precision the leaf config asked for. (fp16 AMP is not
+        carried over: without its loss scaler fp16 gradients underflow; the run computes in
+        the parameters' own dtype then.)"""
+        if (isinstance(model_wrapper_cfg, dict)
+                and str(model_wrapper_cfg.get('type', '')).endswith('FullyShardedModel')
+                and model_wrapper_cfg.get('param_dtype') is None):
+            optim = self.cfg.get('optim_wrapper', None) or {}
+            if (optim.get('type') == 'AmpOptimWrapper'
+                    and str(optim.get('dtype')).replace('torch.', '') == 'bfloat16'):
+                model_wrapper_cfg = copy.deepcopy(model_wrapper_cfg)
+                model_wrapper_cfg['param_dtype'] = 'bfloat16'
+                self.logger.info('FSDP: the config\'s bf16 AMP -> FSDP bf16 compute of the '
+                                 'blocks (param_dtype=bfloat16)')
+        return super().wrap_model(model_wrapper_cfg, model)
+
+    def build_optim_wrapper(self, optim_wrapper):
+        """A sharded model does its mixed precision in FSDP (``MixedPrecisionPolicy``): an
+        ``AmpOptimWrapper`` from the leaf config becomes a plain ``OptimWrapper`` with the same
+        optimizer, clipping and accumulation (AMP's autocast + GradScaler would only add casts,
+        and mmengine's AMP wrapper refuses the CPU)."""
+        if (is_fully_sharded(self.model) and isinstance(optim_wrapper, dict)
+                and optim_wrapper.get('type') == 'AmpOptimWrapper'):
+            optim_wrapper = copy.deepcopy(optim_wrapper)
+            optim_wrapper['type'] = 'OptimWrapper'
+            for key in ('loss_scale', 'dtype', 'use_fsdp'):
+                optim_wrapper.pop(key, None)
+            self.logger.info('FSDP: AmpOptimWrapper -> OptimWrapper (FSDP does the mixed '
+                             'precision)')
+        return super().build_optim_wrapper(optim_wrapper)
+
+    # -- save -----------------------------------------------------------------------------------
+    def save_checkpoint(self, out_dir: str, filename: str, file_client_args: dict | None = None,
+                        save_optimizer: bool = True, save_param_scheduler: bool = True,
+                        meta: dict | None = None, by_epoch: bool = True,
+                        backend_args: dict | None = None) -> None:
+        if not is_fully_sharded(self.model):
+            return super().save_checkpoint(out_dir, filename, file_client_args, save_optimizer,
+                                           save_param_scheduler, meta, by_epoch, backend_args)
+        model = self.model.module
+        state_dict = full_model_state_dict(model)  # collective: every rank
+        optim_state = None
+        if save_optimizer:
+            if type(self.optim_wrapper) is not OptimWrapper:
+                raise TypeError('sharded checkpoints support a plain OptimWrapper (FSDP2 does '
+                                'the mixed precision; no AmpOptimWrapper / OptimWrapperDict), '
+                                f'got {type(self.optim_wrapper).__name__}')
+            optim_state = full_optimizer_state_dict(model, self.optim_wrapper.optimizer)
+        checkpoint, filepath = self._checkpoint_dict(out_dir, filename, state_dict, optim_state,
+                                                     save_param_scheduler, meta, by_epoch,
+                                                     backend_args)
+        # every rank runs the hooks (a hook may gather sharded tensors, e.g. FLoRAHook's adapter
+        # file); the other ranks' dict has the metadata but no tensors; rank 0 writes
+        self.call_hook('before_save_checkpoint', checkpoint=checkpoint)
+        if is_main_process():
+            save_checkpoint(checkpoint, filepath, backend_args=backend_args)
+        dist.barrier()
+
+    def _checkpoint_dict(self, out_dir, filename, state_dict, optim_state, save_param_scheduler,
+                         meta, by_epoch, backend_args) -> tuple[dict, str]:
+        """mmengine's Runner.save_checkpoint layout, with the gathered states."""
+        import mmengine
+        from mmengine.fileio import join_path
+        meta = dict(meta or {})
+        if by_epoch:
+            meta.setdefault('epoch', self.epoch + 1)
+            meta.setdefault('iter', self.iter)
+        else:
+            meta.setdefault('epoch', self.epoch)
+            meta.setdefault('iter', self.iter + 1)
+        filepath = join_path(out_dir, filename, backend_args=backend_args)
+        meta.update(cfg=self.cfg.pretty_text, seed=self.seed,
+                    experiment_name=self.experiment_name,
+                    time=time.strftime('%Y%m%d_%H%M%S', time.localtime()),
+                    mmengine_version=mmengine.__version__,
+                    sharded=dict(strategy='fsdp2', world_size=self.world_size,
+                                 optimizer_keys='parameter names'))
+        if hasattr(self.train_dataloader.dataset, 'metainfo'):
+            meta.update(dataset_meta=self.train_dataloader.dataset.metainfo)
+        checkpoint = dict(meta=meta, state_dict=state_dict,
+                          message_hub=apply_to(self.message_hub.state_dict(),
+                                               lambda x: hasattr(x, 'cpu'), lambda x: x.cpu()))
+        if optim_state is not None:
+            checkpoint['optimizer'] = optim_state
+        if save_param_scheduler and self.param_schedulers is not None:
+            if isinstance(self.param_schedulers, dict):
+                checkpoint['param_schedulers'] = {
+                    name: [s.state_dict() for s in schedulers]
+                    for name, schedulers in self.param_schedulers.items()}
+            else:
+                checkpoint['param_schedulers'] = [s.state_dict() for s in self.param_schedulers]
+        return checkpoint, filepath
+
+    # -- load -----------------------------------------------------------------------------------
+    def load_checkpoint(self, filename: str, map_location: Any = 'cpu', strict: bool = False,
+                        revise_keys: list = [(r'^module.', '')]):  # noqa: B006 (mmengine's)
+        if not is_fully_sharded(self.model):
+            return super().load_checkpoint(filename, map_location, strict, revise_keys)
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+        # rank 0 reads the file; the small parts go to every rank, the tensors are broadcast
+        # into the shards by torch (one tensor at a time)
+        checkpoint = _load_checkpoint(filename, map_location='cpu') if get_rank() == 0 else {}
+        small = [None]
+        if get_rank() == 0:
+            tensors = checkpoint.get('state_dict', {})
+            small = [{k: v for k, v in checkpoint.items() if k not in ('state_dict', 'optimizer')}
+                     | {'_has_optimizer': 'optimizer' in checkpoint,
+                        '_shapes': {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()
+                                    if torch.is_tensor(v)}}]
+        broadcast_object_list(small, src=0)
+        self._fsdp_has_optimizer = small[0].pop('_has_optimizer')
+        shapes = small[0].pop('_shapes')
+        if get_rank() != 0:
+            # the other ranks' hooks see the file's keys, shapes and dtypes (meta tensors)
+            checkpoint = dict(small[0])
+            checkpoint['state_dict'] = {k: torch.empty(shape, dtype=dtype, device='meta')
+                                        for k, (shape, dtype) in shapes.items()}
+        self.call_hook('after_load_checkpoint', checkpoint=checkpoint)
+        state_dict = checkpoint.get('state_dict', checkpoint) if get_rank() == 0 else {}
+        for pattern, repl in revise_keys:
+            state_dict = {re.sub(pattern, repl, k): v for k, v in state_dict.items()}
+        model = self.model.module
+        if get_rank() == 0:
+            expected = set(full_key_names(model))
+            missing = sorted(expected - set(state_dict))
+            unexpected = sorted(set(state_dict) - expected)
+            if strict and (missing or unexpected):
+                raise KeyError(f'{filename}: missing keys {missing[:10]}, unexpected keys '
+                               f'{unexpected[:10]}')
+            if missing or unexpected:
+                self.logger.warning(f'{filename}: {len(missing)} missing keys (e.g. '
+                                    f'{missing[:5]}), {len(unexpected)} unexpected (e.g. '
+                                    f'{unexpected[:5]}): not loaded')
+            state_dict = {k: v for k, v in state_dict.items() if k in expected}
+            for key in missing:  # torch's broadcast expects every key: keep current values
+                state_dict[key] = None
+        state_dict = _fill_missing_with_current(model, state_dict)
+        set_model_state_dict(model, state_dict,
+                             options=_options(full_state_dict=True, broadcast_from_rank0=True,
+                                              strict=False))
+        self._fsdp_optimizer_state = checkpoint.pop('optimizer', None)
+        self._has_loaded = True
+        self.logger.info(f'Load checkpoint from {filename} into the sharded model')
+        return checkpoint
+
+    def resume(self, filename: str, resume_optimizer: bool = True,
+               resume_param_scheduler: bool = True, map_location: Any = 'default') -> None:
+        if not is_fully_sharded(self.model):
+            return super().resume(filename, resume_optimizer, resume_param_scheduler,
+                                  map_location)
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+        super().resume(filename, resume_optimizer=False,
+                       resume_param_scheduler=resume_param_scheduler, map_location='cpu')
+        optim_state = getattr(self, '_fsdp_optimizer_state', None)
+        self._fsdp_optimizer_state = None
+        if resume_optimizer and self._fsdp_has_optimizer:
+            self.optim_wrapper = self.build_optim_wrapper(self.optim_wrapper)
+            set_optimizer_state_dict(
+                self.model.module, self.optim_wrapper.optimizer,
+                optim_state if get_rank() == 0 else {},
+                options=_options(full_state_dict=True, broadcast_from_rank0=True))
+            self.logger.info('resumed the sharded optimizer state')
+
+
+def full_key_names(model: nn.Module) -> list[str]:
+    """State-dict keys of the model (names only, no gathering)."""
+    return list(model.state_dict().keys())
+
+
+def _fill_missing_with_current(model: nn.Module, state_dict: dict) -> dict:
+    """Keys rank 0 marked None (absent from the file) keep the model's current values:
+    gather those few tensors so the broadcast carries them unchanged."""
+    current = model.state_dict()
+    missing = [None]
+    if get_rank() == 0:
+        missing = [[k for k, v in state_dict.items() if v is None]]
+    broadcast_object_list(missing, src=0)
+    gathered = gather_full({k: current[k] for k in missing[0]})
+    if get_rank() == 0:
+        state_dict = dict(state_dict)
+        state_dict.update(gathered)
+    return state_dict
+
+
+def iter_local_numel(model: nn.Module) -> Iterable[tuple[str, int, int]]:
+    """(name, elements held on this rank, elements of the whole tensor) per parameter."""
+    from ..dist import is_sharded
+    for name, param in model.named_parameters():
+        local = param.to_local().numel() if is_sharded(param) else param.numel()
+        yield name, local, param.numel()
