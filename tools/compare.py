@@ -47,6 +47,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--train-options', nargs='+', default=[], metavar='KEY=VALUE',
                         help='--cfg-options passed to every training run')
     parser.add_argument('--port', type=int, default=29500, help='torchrun port with --gpus > 1')
+    parser.add_argument('--cwd', help='folder the runs start in: relative paths in the configs '
+                        '(data roots, checkpoints) resolve against it (default: this folder)')
     args = parser.parse_args(argv)
     if args.budgets and not args.methods:
         parser.error('--budgets needs --methods (a list of configs brings its own ranks)')
@@ -57,7 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     options = RunOptions(gpus=args.gpus, max_epochs=args.max_epochs, max_iters=args.max_iters,
                          train_options=args.train_options, train_val=not args.no_train_val,
-                         jobs=args.jobs, port=args.port)
+                         jobs=args.jobs, port=args.port, cwd=args.cwd)
     try:
         out = compare(args.configs, args.out, methods=args.methods, budgets=args.budgets,
                       kernel_ranks=args.kernel_ranks, options=options)

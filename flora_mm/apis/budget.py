@@ -127,23 +127,24 @@ def _load(config: str | Config) -> Config:
 def base_peft(config: str | Config) -> dict:
     """The config's ``model.backbone.peft`` as a plain dict."""
     cfg = _load(config)
-    return _plain(cfg.model.backbone.peft)
+    return to_plain(cfg.model.backbone.peft)
 
 
-def _plain(value):
+def to_plain(value):
+    """ConfigDicts and tuples as plain dicts and lists (for copying, hashing and printing)."""
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: to_plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [to_plain(v) for v in value]
     return value
 
 
 def build_backbone_meta(cfg: Config, peft: Optional[dict] = None) -> nn.Module:
     """The config's PEFTBackbone on the meta device, with ``peft`` in place of the config's."""
-    backbone = _plain(cfg.model.backbone)
+    backbone = to_plain(cfg.model.backbone)
     backbone['load_pretrained'] = False
     if peft is not None:
-        backbone['peft'] = _plain(peft)
+        backbone['peft'] = to_plain(peft)
     with _quiet(), torch.device('meta'):
         return MODELS.build(backbone)
 
@@ -290,7 +291,7 @@ class _MetaBackbone:
     and removes it again (one injection costs less than building InternViT-6B again)."""
 
     def __init__(self, cfg: Config) -> None:
-        backbone = _plain(cfg.model.backbone)
+        backbone = to_plain(cfg.model.backbone)
         self.saved = list(backbone.get('modules_to_save') or [])
         with _quiet(), torch.device('meta'):
             self.module = MODELS.build(backbone['backbone'])
@@ -321,7 +322,7 @@ def solve_rank(config: str | Config, budget: str | float | Budget,
     """
     cfg = _load(config)
     budget = parse_budget(budget)
-    base = _plain(cfg.model.backbone.peft)
+    base = to_plain(cfg.model.backbone.peft)
     method = method or PEFT_METHODS.get(base['type']).__name__
     if PEFT_METHODS.get(method) is None:
         raise BudgetError(f'unknown PEFT method {method!r}; registered: '
@@ -400,6 +401,7 @@ def closest_possible(solution: Solution) -> bool:
 
 
 __all__ = ['Budget', 'BudgetError', 'Solution', 'parse_budget', 'format_count', 'base_peft',
+           'to_plain',
            'build_backbone_meta', 'backbone_counts', 'count_backbone', 'method_peft',
            'with_rank', 'solve_rank', 'solve_all', 'format_solutions', 'closest_possible',
            'RANK_METHODS', 'DEFAULT_KERNEL_RANKS']

@@ -32,6 +32,7 @@ import os.path as osp
 import re
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
@@ -81,6 +82,10 @@ def metric_columns(evaluator: dict) -> tuple[list[MetricColumn], str]:
 #: DOTA: the paper reports COCO-style mAP (IoU 0.5:0.95), AP50 and AP75
 DOTA_IOU_THRS = [round(0.5 + 0.05 * i, 2) for i in range(10)]
 _DATASET_LABEL = {'CocoDataset': 'COCO', 'ADE20KDataset': 'ADE20K', 'DOTADataset': 'DOTA'}
+
+
+#: with ``jobs`` > 1 only the subprocesses run side by side; in-process work takes turns
+_IN_PROCESS = threading.Lock()
 
 
 class CompareError(RuntimeError):
@@ -159,6 +164,7 @@ def plan_runs(configs: Sequence[str], methods: Optional[Sequence[str]] = None,
     device; without budgets they keep the base config's rank (same method) or their defaults.
     """
     specs: list[RunSpec] = []
+    solved: dict[str, B.Solution] = {}  # tasks sharing a backbone share its solutions
     for config in configs:
         if not osp.isfile(config):
             raise CompareError(f'config file not found: {config}')
@@ -197,7 +203,13 @@ def plan_runs(configs: Sequence[str], methods: Optional[Sequence[str]] = None,
                     kernel_rank=peft.get('kernel_rank', 2) if method == 'FLoRA' else None))
                 continue
             for budget in budgets:
-                sol = B.solve_rank(cfg, budget, method=method, kernel_ranks=kernel_ranks)
+                key = json.dumps([B.to_plain(cfg.model.backbone), method, budget,
+                                  kernel_ranks and list(kernel_ranks)], sort_keys=True,
+                                 default=str)
+                if key not in solved:
+                    solved[key] = B.solve_rank(cfg, budget, method=method,
+                                               kernel_ranks=kernel_ranks)
+                sol = solved[key]
                 log(f'[compare] {task} {method} at {budget}: rank {sol.rank}'
                     + (f', kernel rank {sol.kernel_rank}' if sol.kernel_rank else '')
                     + f' -> {sol.count:,} ({100 * sol.rel_error:+.2f}%)')
@@ -354,7 +366,7 @@ def _count_model(config: str) -> dict:
 def execute(spec: RunSpec, out_dir: str, opts: RunOptions,
             log: Callable[[str], None] = print) -> dict:
     """Train, test and collect one run, or return its stored result if it already finished."""
-    run_dir = osp.join(out_dir, _slug(spec.task), spec.name)
+    run_dir = osp.join(osp.abspath(out_dir), _slug(spec.task), spec.name)
     os.makedirs(run_dir, exist_ok=True)
     fingerprint = _fingerprint(spec, opts)
     result_path = osp.join(run_dir, 'result.json')
@@ -410,9 +422,11 @@ def execute(spec: RunSpec, out_dir: str, opts: RunOptions,
                            f'{_tail(osp.join(run_dir, "test.log"))}')
     stats = read_train_stats(train_dir)
     on_cuda = stats['cuda_memory_mb'] is not None
+    with _IN_PROCESS:  # config parsing (pkg_resources) and registries are not thread-safe
+        counts = count_run(config)
     result = dict(
         asdict(spec), fingerprint=fingerprint, run_dir=run_dir, run_config=config,
-        checkpoint=checkpoint, counts=count_run(config), metrics=read_test_metrics(test_dir),
+        checkpoint=checkpoint, counts=counts, metrics=read_test_metrics(test_dir),
         sec_per_iter=stats['sec_per_iter'], iterations=stats['iterations'],
         peak_memory_mb=stats['cuda_memory_mb'] if on_cuda else done['peak_rss_mb'],
         memory_kind='cuda max allocated' if on_cuda else 'cpu peak rss',
@@ -649,6 +663,7 @@ def compare(configs: Sequence[str], out_dir: str, methods: Optional[Sequence[str
     """Plan, run (skipping finished runs) and tabulate a comparison; returns the table, the
     per-run results and the paths of the files written."""
     options = options or RunOptions()
+    out_dir = osp.abspath(out_dir)  # the runs start in options.cwd
     specs = plan_runs(configs, methods, budgets, kernel_ranks, log=log)
     os.makedirs(out_dir, exist_ok=True)
 
