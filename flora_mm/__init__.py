@@ -10,13 +10,4 @@ from . import engine, models, peft  # noqa: E402,F401  (registration on import)
 
 __version__ = '0.1.0'
 
-
-def register_all_modules() -> None:
-    """Register flora_mm's modules. Importing flora_mm already does; kept for the OpenMMLab
-    convention (``mmdet.utils.register_all_modules``) and explicit call sites."""
-    import importlib
-    for name in ('flora_mm.peft', 'flora_mm.models', 'flora_mm.engine'):
-        importlib.import_module(name)
-
-
-__all__ = ['HOOKS', 'MODELS', 'PEFT_METHODS', 'register_all_modules', 'peft', 'models', 'engine']
+__all__ = ['HOOKS', 'MODELS', 'PEFT_METHODS', 'peft', 'models', 'engine']

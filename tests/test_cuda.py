@@ -5,6 +5,9 @@ Tests marked ``cuda`` skip cleanly without a CUDA device (conftest.py says so in
 mmcv's extension and run everywhere: on the CPU variant they assert that the check reports the
 kernels missing, on the cuda variant that every one is there.
 """
+import shutil
+import subprocess
+
 import pytest
 import torch
 from torch import nn
@@ -32,6 +35,40 @@ def test_kernel_check_agrees_with_mmcv_build_info():
         assert not any(flags), found  # CPU build: no kernel stub may be reported
         with pytest.raises(RuntimeError, match='lacks CUDA kernels'):
             check_mmcv_cuda_kernels()
+
+
+_KERNELS_CU = r"""
+template <typename T>
+__global__ void roi_align_forward_cuda_kernel(const T* x, T* y, int n) {
+  if (threadIdx.x < n) y[threadIdx.x] = x[threadIdx.x];
+}
+__global__ void nms_cuda(int n, const float* boxes, unsigned long long* mask) {
+  if (threadIdx.x < n) mask[0] = boxes[0] > 0;
+}
+// a HOST function named like a kernel: it has no device stub and must not count
+void nms_rotated_cuda_kernel(int n) {}
+void launch(const float* x, float* y, int n, unsigned long long* m) {
+  roi_align_forward_cuda_kernel<float><<<1, 32>>>(x, y, n);
+  nms_cuda<<<1, 32>>>(n, x, m);
+  nms_rotated_cuda_kernel(n);
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which('nvcc') is None, reason='no nvcc on this machine')
+def test_kernel_check_reads_a_real_nvcc_build(tmp_path):
+    """Positive control: the symbol check on a shared object nvcc really compiled."""
+    src, lib = tmp_path / 'k.cu', tmp_path / 'k.so'
+    src.write_text(_KERNELS_CU)
+    subprocess.run(['nvcc', '-shared', '-Xcompiler', '-fPIC', '-gencode',
+                    'arch=compute_90,code=sm_90', str(src), '-o', str(lib)], check=True)
+    found = mmcv_cuda_kernels(str(lib))
+    assert found['RoIAlign'] == {'roi_align_forward_cuda_kernel': True,
+                                 'roi_align_backward_cuda_kernel': False}
+    assert found['nms'] == {'nms_cuda': True}
+    assert found['nms_rotated'] == {'nms_rotated_cuda_kernel': False}
+    with pytest.raises(RuntimeError, match='roi_align_backward_cuda_kernel'):
+        check_mmcv_cuda_kernels(str(lib))
 
 
 @pytest.mark.skipif(not _mmcv_built_with_cuda(), reason='mmcv built without CUDA (cpu variant)')
@@ -125,3 +162,10 @@ def test_mmcv_ops_cuda_match_cpu():
                              clockwise=False)
     torch.testing.assert_close(ralign(feats.cuda(), rrois.cuda()).cpu(), ralign(feats, rrois),
                                atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the no-GPU answer')
+def test_gpu_check_fails_without_a_gpu(tmp_path, capsys):
+    from flora_mm.apis.gpu_check import run_gpu_check
+    assert run_gpu_check(str(tmp_path / 'gpu')) == 2  # non-zero: nothing was checked
+    assert 'no CUDA device' in capsys.readouterr().out

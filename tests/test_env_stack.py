@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 import flora_mm  # noqa: F401  (compat shims must precede the mmrotate import)
+from flora_mm.apis import replace_sync_bn
+from flora_mm.utils import register_task_modules
 
 torch = pytest.importorskip('torch')
 from mmengine.config import Config  # noqa: E402
@@ -27,17 +29,6 @@ def _wheel_config(package: str, rel: str) -> Config:
     path = Path(mod.__file__).parent / '.mim' / 'configs' / rel
     assert path.is_file(), f'{package} wheel lacks its config {rel}'
     return Config.fromfile(str(path))
-
-
-def _sync_bn_to_bn(node) -> None:
-    if isinstance(node, dict):
-        if node.get('type') == 'SyncBN':
-            node['type'] = 'BN'
-        for v in node.values():
-            _sync_bn_to_bn(v)
-    elif isinstance(node, (list, tuple)):
-        for v in node:
-            _sync_bn_to_bn(v)
 
 
 def _image(h: int, w: int, seed: int) -> torch.Tensor:
@@ -79,8 +70,7 @@ def test_mask_rcnn_mmdet():
     from mmdet.registry import MODELS
     from mmdet.structures import DetDataSample
     from mmdet.structures.mask import BitmapMasks
-    from mmdet.utils import register_all_modules
-    register_all_modules(init_default_scope=False)
+    register_task_modules('mmdet')
 
     cfg = _wheel_config('mmdet', 'mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py')
     m = cfg.model
@@ -122,12 +112,11 @@ def test_mask_rcnn_mmdet():
 def test_upernet_mmseg():
     from mmseg.registry import MODELS
     from mmseg.structures import SegDataSample
-    from mmseg.utils import register_all_modules
-    register_all_modules(init_default_scope=False)
+    register_task_modules('mmseg')
 
     cfg = _wheel_config('mmseg', 'upernet/upernet_r50_4xb4-80k_ade20k-512x512.py')
     m = cfg.model
-    _sync_bn_to_bn(m)
+    replace_sync_bn(m)
     m.pretrained = None
     m.data_preprocessor.size = (64, 64)
     m.backbone.update(depth=18, stem_channels=8, base_channels=8)
@@ -156,12 +145,9 @@ def test_upernet_mmseg():
 
 def test_oriented_rcnn_le90_mmrotate():
     from mmdet.structures import DetDataSample
-    from mmdet.utils import register_all_modules as register_mmdet
     from mmrotate.registry import MODELS
     from mmrotate.structures.bbox import RotatedBoxes
-    from mmrotate.utils import register_all_modules
-    register_mmdet(init_default_scope=False)
-    register_all_modules(init_default_scope=False)
+    register_task_modules('mmrotate')
 
     cfg = _wheel_config('mmrotate', 'oriented_rcnn/oriented-rcnn-le90_r50_fpn_1x_dota.py')
     m = cfg.model

@@ -15,8 +15,8 @@ from mmengine.runner import Runner
 from torch import nn
 
 import flora_mm  # noqa: F401
-from flora_mm.engine.flora_hook import unexpected_trainable, update_norms
-from flora_mm.peft import (adapter_layers, adapter_state_dict, inject_adapters, injected_roots)
+from flora_mm.peft import (adapter_layers, adapter_state_dict, inject_adapters, injected_roots,
+                           unexpected_trainable, update_norms)
 from flora_mm.peft.io import load_adapter_checkpoint, read_adapter_info
 from flora_mm.registry import MODELS
 
@@ -116,10 +116,13 @@ def test_hook_injects_before_optimizer_and_saves_reloadable_adapters(method, pre
                               norm_interval=2))
     runner.train()
     model = runner.model
-    # the optimizer holds exactly the trainable tensors, adapters included
+    # the optimizer holds exactly the trainable tensors, adapters included: every trainable
+    # tensor is in it, and no frozen one is
     in_optim = {id(p) for g in runner.optim_wrapper.optimizer.param_groups for p in g['params']}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    assert all(id(p) in in_optim for p in trainable)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable and in_optim == trainable
+    params = dict(model.named_parameters())
+    assert {id(params[name]) for name in adapter_state_dict(model)} <= in_optim
     adapters = adapter_state_dict(model)
     assert adapters
     # the pretrained base weights were loaded AFTER injection and did not move

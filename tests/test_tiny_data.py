@@ -14,6 +14,7 @@ import pytest
 
 import flora_mm  # noqa: F401  (compat shims before mmrotate)
 from flora_mm.datasets import tiny
+from flora_mm.utils import register_task_modules
 
 cv2 = pytest.importorskip('cv2')
 torch = pytest.importorskip('torch')
@@ -118,8 +119,7 @@ def test_object_colour_gives_the_class(tiny_root):
 @pytest.mark.parametrize('classes', [tiny.COCO_CLASSES, None], ids=['tiny-classes', 'coco80'])
 def test_coco_dataset_and_perfect_metric(tiny_root, classes):
     from mmdet.registry import DATASETS, METRICS
-    from mmdet.utils import register_all_modules
-    register_all_modules(init_default_scope=False)
+    register_task_modules('mmdet')
     cfg = _wheel_config('mmdet', 'mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py')
     data_root = str(tiny_root / 'coco') + '/'
     ds_cfg = cfg.val_dataloader.dataset
@@ -150,8 +150,7 @@ def test_coco_dataset_and_perfect_metric(tiny_root, classes):
 
 def test_coco_train_pipeline(tiny_root):
     from mmdet.registry import DATASETS
-    from mmdet.utils import register_all_modules
-    register_all_modules(init_default_scope=False)
+    register_task_modules('mmdet')
     cfg = _wheel_config('mmdet', 'mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py')
     ds_cfg = cfg.train_dataloader.dataset
     ds_cfg.update(data_root=str(tiny_root / 'coco') + '/', metainfo=dict(classes=tiny.COCO_CLASSES))
@@ -166,8 +165,7 @@ def test_coco_train_pipeline(tiny_root):
 @pytest.mark.parametrize('classes', [None, tiny.ADE_CLASSES], ids=['ade150', 'tiny-classes'])
 def test_ade20k_dataset_and_perfect_metric(tiny_root, classes):
     from mmseg.registry import DATASETS, METRICS
-    from mmseg.utils import register_all_modules
-    register_all_modules(init_default_scope=False)
+    register_task_modules('mmseg')
     cfg = _wheel_config('mmseg', 'upernet/upernet_r50_4xb4-80k_ade20k-512x512.py')
     ds_cfg = cfg.val_dataloader.dataset
     ds_cfg.update(data_root=str(tiny_root / 'ade' / 'ADEChallengeData2016'))
@@ -198,12 +196,9 @@ def test_ade20k_dataset_and_perfect_metric(tiny_root, classes):
 # --------------------------------------------------------------------------- DOTA
 @pytest.mark.parametrize('classes', [None, tiny.DOTA_CLASSES], ids=['dota15', 'tiny-classes'])
 def test_dota_dataset_and_perfect_metric(tiny_root, classes):
-    from mmdet.utils import register_all_modules as register_mmdet
     from mmrotate.registry import DATASETS, METRICS
     from mmrotate.structures.bbox import RotatedBoxes
-    from mmrotate.utils import register_all_modules
-    register_mmdet(init_default_scope=False)
-    register_all_modules(init_default_scope=False)
+    register_task_modules('mmrotate')
     cfg = _wheel_config('mmrotate', 'oriented_rcnn/oriented-rcnn-le90_r50_fpn_1x_dota.py')
     ds_cfg = cfg.val_dataloader.dataset
     ds_cfg.update(data_root=str(tiny_root / 'split_ss_dota') + '/', ann_file='test/annfiles/',

@@ -1,13 +1,12 @@
 """tools/train.py, tools/test.py and tools/dist_*.sh behave like the OpenMMLab packages' tools.
 
-Unit tests cover the argument semantics shared through tools/_common.py (local rank, resume,
-amp, auto-scale-lr, work_dir, visualization, --out, nccl -> gloo without CUDA). End-to-end tests
-run the real tools as subprocesses on the generated tiny data with the packages' OWN configs
-(from inside the wheels) shrunk to a ResNet-18 with 8 base channels: train, test with --out and
+Unit tests cover the option semantics in flora_mm.apis (local rank, resume, amp,
+auto-scale-lr, work_dir, visualization, --out, nccl -> gloo without CUDA). End-to-end tests run
+the real tools as subprocesses on the generated tiny data with the packages' OWN configs (from
+inside the wheels) shrunk to a ResNet-18 with 8 base channels: train, test with --out and
 --show-dir, resume, and a 2-process CPU (gloo) run through dist_train.sh.
 """
 import argparse
-import importlib.util
 import os
 import subprocess
 import sys
@@ -20,83 +19,85 @@ import flora_mm  # noqa: F401
 torch = pytest.importorskip('torch')
 from mmengine.config import Config  # noqa: E402
 
+from flora_mm.apis import config as api_config  # noqa: E402
+from flora_mm.apis import runner as api_runner  # noqa: E402
 from flora_mm.datasets import tiny  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / 'tools'
-sys.path.insert(0, str(TOOLS))  # the tools import their shared module as `_common`
-import _common as common  # noqa: E402
-
-
-def _load_tool(name: str):
-    """Import tools/<name>.py under a private name (`test` would clash with the stdlib)."""
-    spec = importlib.util.spec_from_file_location(f'flora_mm_tool_{name}', TOOLS / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_tool, test_tool = _load_tool('train'), _load_tool('test')
 
 
 # --------------------------------------------------------------------------- unit
 @pytest.mark.parametrize('flag', ['--local-rank', '--local_rank'])
 def test_local_rank_both_spellings_and_env(monkeypatch, flag):
+    parser = argparse.ArgumentParser()
+    api_config.add_runner_args(parser)
     monkeypatch.delenv('LOCAL_RANK', raising=False)
-    args = train_tool.parse_args(['cfg.py', flag, '3'])
+    args = api_config.parse_with_local_rank(parser, [flag, '3'])
     assert args.local_rank == 3 and os.environ['LOCAL_RANK'] == '3'
     monkeypatch.setenv('LOCAL_RANK', '1')  # torchrun sets the env: it wins
-    args = test_tool.parse_args(['cfg.py', 'ckpt.pth', flag, '0'])
+    api_config.parse_with_local_rank(parser, [flag, '0'])
     assert os.environ['LOCAL_RANK'] == '1'
-
-
-def test_train_arguments():
-    args = train_tool.parse_args(['c.py', '--resume', '--amp', '--auto-scale-lr', '--launcher',
-                                  'pytorch', '--cfg-options', 'a.b=1', 'c=[1,2]'])
-    assert args.resume == 'auto' and args.amp and args.auto_scale_lr
+    args = api_config.parse_with_local_rank(
+        parser, ['--launcher', 'pytorch', '--cfg-options', 'a.b=1', 'c=[1,2]'])
     assert args.launcher == 'pytorch' and args.cfg_options == {'a.b': 1, 'c': [1, 2]}
-    assert train_tool.parse_args(['c.py', '--resume', 'x.pth']).resume == 'x.pth'
-    assert train_tool.parse_args(['c.py']).resume is None
     with pytest.raises(SystemExit):
-        train_tool.parse_args(['c.py', '--launcher', 'bogus'])
+        api_config.parse_with_local_rank(parser, ['--launcher', 'bogus'])
+
+
+def test_tool_arguments_are_the_packages(tmp_path):
+    """The tools' own parsers: every OpenMMLab option is there, bad ones are refused."""
+    for tool, options in (('train.py', ['--work-dir', '--resume', '--amp', '--auto-scale-lr',
+                                        '--cfg-options', '--launcher', '--local-rank']),
+                          ('test.py', ['--work-dir', '--out', '--show', '--show-dir',
+                                       '--wait-time', '--tta', '--cfg-options', '--launcher'])):
+        proc = subprocess.run([sys.executable, str(TOOLS / tool), '--help'], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert all(option in proc.stdout for option in options), proc.stdout
+    proc = subprocess.run([sys.executable, str(TOOLS / 'train.py'), 'c.py', '--launcher',
+                           'bogus'], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "invalid choice: 'bogus'" in proc.stderr
 
 
 def test_resume_semantics():
     cfg = Config(dict(load_from='pretrained.pth', resume=False))
-    common.apply_resume(cfg, None)
+    api_runner.apply_resume(cfg, None)
     assert cfg.resume is False and cfg.load_from == 'pretrained.pth'
-    common.apply_resume(cfg, 'auto')
+    api_runner.apply_resume(cfg, 'auto')
     assert cfg.resume is True and cfg.load_from is None
-    common.apply_resume(cfg, 'ckpt.pth')
+    api_runner.apply_resume(cfg, 'ckpt.pth')
     assert cfg.resume is True and cfg.load_from == 'ckpt.pth'
 
 
 def test_amp_and_auto_scale_lr():
     cfg = Config(dict(optim_wrapper=dict(type='OptimWrapper', optimizer=dict(type='SGD')),
                       auto_scale_lr=dict(enable=False, base_batch_size=16)))
-    common.enable_amp(cfg)
+    api_runner.enable_amp(cfg)
     assert cfg.optim_wrapper.type == 'AmpOptimWrapper'
     assert cfg.optim_wrapper.loss_scale == 'dynamic'
-    common.enable_amp(cfg)  # already on: warns only
-    common.enable_auto_scale_lr(cfg)
+    api_runner.enable_amp(cfg)  # already on: warns only
+    api_runner.enable_auto_scale_lr(cfg)
     assert cfg.auto_scale_lr.enable is True
     with pytest.raises(AssertionError):
-        common.enable_amp(Config(dict(optim_wrapper=dict(type='ApexOptimWrapper'))))
+        api_runner.enable_amp(Config(dict(optim_wrapper=dict(type='ApexOptimWrapper'))))
     with pytest.raises(RuntimeError):
-        common.enable_auto_scale_lr(Config(dict()))
+        api_runner.enable_auto_scale_lr(Config(dict()))
 
 
 def test_work_dir_priority(tmp_path):
     path = tmp_path / 'my_exp.py'
     path.write_text("default_scope = 'mmdet'\n")
-    ns = argparse.Namespace(config=str(path), launcher='none', cfg_options=None, work_dir=None)
-    assert common.load_config(ns).work_dir == os.path.join('./work_dirs', 'my_exp')
+    load = api_config.load_runner_config
+    assert load(str(path)).work_dir == os.path.join('./work_dirs', 'my_exp')
+    assert load(str(path)).launcher == 'none'
     path.write_text("default_scope = 'mmdet'\nwork_dir = 'from_cfg'\n")
-    assert common.load_config(ns).work_dir == 'from_cfg'
-    ns.work_dir = 'from_cli'
-    assert common.load_config(ns).work_dir == 'from_cli'
+    assert load(str(path)).work_dir == 'from_cfg'
+    assert load(str(path), work_dir='from_cli').work_dir == 'from_cli'
     with pytest.raises(ValueError):
-        common.get_scope(Config(dict(default_scope='mmpretrain')))
+        api_config.get_scope(Config(dict(default_scope='mmpretrain')))
+    with pytest.raises(FileNotFoundError, match='config file not found'):
+        api_config.load_config(str(tmp_path / 'missing.py'))
 
 
 def _dist_cfg(**kw):
@@ -109,7 +110,7 @@ def _dist_cfg(**kw):
 def test_cpu_distributed_uses_gloo(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     cfg = _dist_cfg(launcher='pytorch', find_unused_parameters=True)
-    assert common.adapt_to_cpu_distributed(cfg)
+    assert api_config.adapt_to_cpu_distributed(cfg)
     assert cfg.env_cfg.dist_cfg.backend == 'gloo' and cfg.env_cfg.dist_cfg.timeout == 60
     assert cfg.model.backbone.norm_cfg.type == 'BN'
     assert cfg.model.heads[0].norm_cfg.type == 'BN'
@@ -117,31 +118,31 @@ def test_cpu_distributed_uses_gloo(monkeypatch):
     assert cfg.model_wrapper_cfg.find_unused_parameters is True
 
     cfg = _dist_cfg(launcher='none')  # not distributed: nothing to do
-    assert not common.adapt_to_cpu_distributed(cfg)
+    assert not api_config.adapt_to_cpu_distributed(cfg)
     assert cfg.env_cfg.dist_cfg.backend == 'nccl'
 
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     cfg = _dist_cfg(launcher='pytorch')
-    assert not common.adapt_to_cpu_distributed(cfg)
+    assert not api_config.adapt_to_cpu_distributed(cfg)
     assert cfg.env_cfg.dist_cfg.backend == 'nccl'
 
 
 def test_visualization_and_out_follow_the_scope():
-    args = argparse.Namespace(show=False, show_dir='vis', wait_time=2)
+    args = dict(show=False, show_dir='vis', wait_time=2)
     det = Config(dict(default_scope='mmrotate', visualizer=dict(type='V'),
                       default_hooks=dict(visualization=dict(type='DetVisualizationHook'))))
-    common.trigger_visualization_hook(det, args)
+    api_runner.trigger_visualization_hook(det, **args)
     assert det.default_hooks.visualization.draw is True
     assert det.default_hooks.visualization.test_out_dir == 'vis'
     seg = Config(dict(default_scope='mmseg', visualizer=dict(type='V'),
                       default_hooks=dict(visualization=dict(type='SegVisualizationHook')),
                       test_evaluator=dict(type='IoUMetric')))
-    common.trigger_visualization_hook(seg, args)
+    api_runner.trigger_visualization_hook(seg, **args)
     assert seg.visualizer.save_dir == 'vis' and seg.default_hooks.visualization.draw
-    common.set_out(seg, 'preds')
+    api_runner.set_out(seg, 'preds')
     assert seg.test_evaluator.output_dir == 'preds' and seg.test_evaluator.keep_results
     with pytest.raises(RuntimeError):
-        common.trigger_visualization_hook(Config(dict(default_hooks=dict())), args)
+        api_runner.trigger_visualization_hook(Config(dict(default_hooks=dict())), **args)
 
 
 # --------------------------------------------------------------------------- end to end

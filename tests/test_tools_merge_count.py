@@ -1,4 +1,4 @@
-"""tools/count_params.py and tools/merge_adapters.py.
+"""tools/count_params.py and tools/merge_adapters.py (flora_mm.apis.count and .merge).
 
 count_params: every leaf config's backbone counts equal closed forms computed here from the
 architectures alone (ConvNeXt-V2-L, InternViT-6B) and the method formulas (FLoRA paper §4.1,
@@ -23,17 +23,17 @@ import pytest
 import torch
 from mmengine.config import Config
 
+from flora_mm.apis import MergeError, build_model, count_params, load_config, merge
+from flora_mm.apis.merge import build_mmpretrain_backbone
+from flora_mm.datasets.checkpoints import generate_checkpoints
+from flora_mm.datasets.tiny import generate
+from flora_mm.models import ConvNeXtV2
+from flora_mm.models.convnextv2 import (mmpretrain_convnext_cfg, timm_to_mmpretrain,
+                                        timm_to_mmpretrain_key)
+
+from ._predict_det import predict
+
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, osp.join(ROOT, 'tools'))
-sys.path.insert(0, osp.join(ROOT, 'tests'))
-
-import count_params  # noqa: E402
-import merge_adapters  # noqa: E402
-from _predict_det import predict  # noqa: E402
-
-from flora_mm.datasets.checkpoints import generate_checkpoints  # noqa: E402
-from flora_mm.datasets.tiny import generate  # noqa: E402
-from flora_mm.models import ConvNeXtV2  # noqa: E402
 
 LEAF_CONFIGS = sorted(p for task in ('coco', 'ade20k', 'dota')
                       for p in glob.glob(osp.join(ROOT, 'configs', task, '*.py')))
@@ -133,7 +133,7 @@ def test_closed_forms_match_the_architectures():
 @pytest.mark.parametrize('config', LEAF_CONFIGS, ids=lambda p: osp.relpath(p, ROOT))
 def test_count_params_every_config_on_meta(config):
     cfg = Config.fromfile(config)
-    counts = count_params.count_params(cfg)
+    counts = count_params(cfg)
     parts = {p['part']: p for p in counts['parts']}
     total, trainable = expected_backbone(cfg)
     method = {'Base': 'Frozen'}.get(cfg.model.backbone.peft.type, cfg.model.backbone.peft.type)
@@ -146,13 +146,14 @@ def test_count_params_every_config_on_meta(config):
     assert counts['trainable'] == sum(p['trainable'] for p in parts.values())
 
 
-def test_count_params_cli_json(capsys):
+def test_count_params_cli_json(tmp_path):
     """The CLI's --json output is pure JSON (logs go to stderr), from a config whose
     pretrained file does not exist here: nothing is read."""
     config = osp.join(ROOT, 'configs/ade20k/internvit6b_flora_r16.py')
     assert not osp.exists(Config.fromfile(config).model.backbone.backbone.init_cfg.checkpoint)
-    count_params.main([config, '--json', '--cfg-options', 'model.backbone.peft.rank=8'])
-    out = json.loads(capsys.readouterr().out)
+    proc = _run([sys.executable, osp.join(ROOT, 'tools/count_params.py'), config, '--json',
+                 '--cfg-options', 'model.backbone.peft.rank=8'], cwd=str(tmp_path))
+    out = json.loads(proc.stdout)
     cfg = Config.fromfile(config)
     cfg.merge_from_dict({'model.backbone.peft.rank': 8})
     assert out['parts'][0]['trainable'] == expected_backbone(cfg)[1]
@@ -169,19 +170,19 @@ def test_timm_to_mmpretrain_convnext_same_features(arch):
         for name, p in ours.named_parameters():
             if 'grn' in name or name.startswith('norm'):
                 p.normal_(0.5, 0.2)
-    spec = merge_adapters.mmpretrain_convnext_cfg(ours, {})
+    spec = mmpretrain_convnext_cfg(ours)
     assert spec['type'] == 'mmpretrain.ConvNeXt' and spec['gap_before_final_norm'] is False
-    theirs = merge_adapters.build_mmpretrain_backbone(
-        spec, merge_adapters.timm_to_mmpretrain(ours.state_dict()))
+    theirs = build_mmpretrain_backbone(spec, timm_to_mmpretrain(ours.state_dict()))
     theirs.eval()  # (mmpretrain's ConvNeXt.train returns None: no chaining)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         for a, b in zip(ours(x), theirs(x)):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    assert merge_adapters.timm_to_mmpretrain_key('stages.2.blocks.5.mlp.grn.weight') == \
-        'stages.2.5.grn.gamma'
-    with pytest.raises(merge_adapters.MergeError, match='no mmpretrain'):
-        merge_adapters.timm_to_mmpretrain_key('head.fc.weight')
+    assert timm_to_mmpretrain_key('stages.2.blocks.5.mlp.grn.weight') == 'stages.2.5.grn.gamma'
+    with pytest.raises(ValueError, match='no mmpretrain'):
+        timm_to_mmpretrain_key('head.fc.weight')
+    with pytest.raises(ValueError, match='out_norm=False'):
+        mmpretrain_convnext_cfg(ConvNeXtV2('atto', out_norm=False))
 
 
 # ----------------------------------------------------------------------------- merge end to end
@@ -217,7 +218,7 @@ def test_merge_full_and_adapter_checkpoints_load_in_vanilla_mmdet(trained, monke
     proc = _run([sys.executable, osp.join(ROOT, 'tools/merge_adapters.py'), TINY_COCO,
                  trained['full'], out_full], cwd=str(root))
     assert 'backbone: mmpretrain.ConvNeXt; verified' in proc.stdout
-    summary = merge_adapters.merge(
+    summary = merge(
         TINY_COCO, trained['adapter'], out_adapter,
         cfg_options={'model.backbone.backbone.init_cfg.checkpoint': trained['pretrained']})
     assert summary['merged_layers'] == 40 and summary['verify_error'] < 1e-4
@@ -258,30 +259,30 @@ def test_merge_full_and_adapter_checkpoints_load_in_vanilla_mmdet(trained, monke
 
 def test_merge_errors(trained, tmp_path):
     out = str(tmp_path / 'merged.pth')
-    with pytest.raises(merge_adapters.MergeError, match='checkpoint not found'):
-        merge_adapters.merge(TINY_COCO, str(tmp_path / 'missing.pth'), out)
-    with pytest.raises(merge_adapters.MergeError, match='config file not found'):
-        merge_adapters.merge(str(tmp_path / 'missing.py'), trained['full'], out)
-    with pytest.raises(merge_adapters.MergeError, match='--adapter'):
-        merge_adapters.merge(TINY_COCO, trained['full'], out, adapter=True)
+    with pytest.raises(MergeError, match='checkpoint not found'):
+        merge(TINY_COCO, str(tmp_path / 'missing.pth'), out)
+    with pytest.raises(MergeError, match='config file not found'):
+        merge(str(tmp_path / 'missing.py'), trained['full'], out)
+    with pytest.raises(MergeError, match='--adapter'):
+        merge(TINY_COCO, trained['full'], out, adapter=True)
     # another rank than the one trained: does not fit (full) / other method config (adapter)
     other_rank = {'model.backbone.peft.rank': 8,
                   'model.backbone.backbone.init_cfg.checkpoint': trained['pretrained']}
-    with pytest.raises(merge_adapters.MergeError, match='does not fit.*shape mismatches'):
-        merge_adapters.merge(TINY_COCO, trained['full'], out, cfg_options=other_rank)
-    with pytest.raises(merge_adapters.MergeError, match='does not fit.*PEFT methods'):
-        merge_adapters.merge(TINY_COCO, trained['adapter'], out, cfg_options=other_rank)
+    with pytest.raises(MergeError, match='does not fit.*shape mismatches'):
+        merge(TINY_COCO, trained['full'], out, cfg_options=other_rank)
+    with pytest.raises(MergeError, match='does not fit.*PEFT methods'):
+        merge(TINY_COCO, trained['adapter'], out, cfg_options=other_rank)
     # adapters trained on other base weights
     other = generate_checkpoints(str(tmp_path / 'other'), seed=1)['convnextv2_atto']
-    with pytest.raises(merge_adapters.MergeError, match='fingerprint'):
-        merge_adapters.merge(TINY_COCO, trained['adapter'], out, cfg_options={
+    with pytest.raises(MergeError, match='fingerprint'):
+        merge(TINY_COCO, trained['adapter'], out, cfg_options={
             'model.backbone.backbone.init_cfg.checkpoint': str(other)})
     assert sorted(os.listdir(tmp_path)) == ['other']  # nothing half-written
     # an existing OUT needs --force
     open(out, 'w').close()
-    with pytest.raises(merge_adapters.MergeError, match='exists'):
-        merge_adapters.merge(TINY_COCO, trained['full'], out, check=False)
-    merge_adapters.merge(TINY_COCO, trained['full'], out, force=True, check=False,
+    with pytest.raises(MergeError, match='exists'):
+        merge(TINY_COCO, trained['full'], out, check=False)
+    merge(TINY_COCO, trained['full'], out, force=True, check=False,
                          plain_keys=True)
     ckpt = torch.load(out, weights_only=True)
     assert 'backbone.stages.0.blocks.0.mlp.fc1.weight' in ckpt['state_dict']  # timm names
@@ -296,7 +297,6 @@ def test_merge_errors(trained, tmp_path):
 def test_merge_other_tasks_in_process(config, tmp_path):
     """A full checkpoint with random (non-zero) adapters, merged; the written config + file
     give the adapted model's features again (built here through the registries)."""
-    import _peft_model as pm
     from mmengine.registry import MODELS, init_default_scope
     from mmengine.runner import load_checkpoint
 
@@ -305,8 +305,8 @@ def test_merge_other_tasks_in_process(config, tmp_path):
     ckpts = generate_checkpoints(str(tmp_path / 'ckpt'))
     name = 'internvit_tiny' if 'internvit' in config else 'convnextv2_atto'
     options = {'model.backbone.backbone.init_cfg.checkpoint': str(ckpts[name])}
-    cfg = pm.load_tool_config(osp.join(ROOT, config), options)
-    model = pm.build_model(cfg).eval()
+    cfg = load_config(osp.join(ROOT, config), options)
+    model = build_model(cfg).eval()
     torch.manual_seed(0)
     with torch.no_grad():
         for _, layer in adapter_layers(model):
@@ -314,7 +314,7 @@ def test_merge_other_tasks_in_process(config, tmp_path):
     full = str(tmp_path / 'full.pth')
     torch.save({'state_dict': model.state_dict(), 'meta': {}}, full)
     out = str(tmp_path / 'out' / 'merged.pth')
-    summary = merge_adapters.merge(osp.join(ROOT, config), full, out, cfg_options=options)
+    summary = merge(osp.join(ROOT, config), full, out, cfg_options=options)
     assert summary['verify_error'] < 1e-4
 
     merged_cfg = Config.fromfile(out[:-len('.pth')] + '.py')

@@ -5,7 +5,7 @@
 Deterministic: the same --seed gives byte-identical annotation files. Each dataset folder is
 replaced atomically, so it is safe to re-run. Also writes the stand-in "pretrained" backbone
 checkpoints the tiny configs load (<out>/checkpoints/, flora_mm.datasets.checkpoints) unless
---no-checkpoints.
+--no-checkpoints (``flora_mm.apis.make_tiny_data``).
 """
 import argparse
 import sys
@@ -13,7 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, too
 
-from flora_mm.datasets.tiny import DEFAULT_ROOT, TASKS, generate  # noqa: E402
+from flora_mm.apis.demo import make_tiny_data  # noqa: E402
+from flora_mm.datasets.tiny import DEFAULT_ROOT, TASKS  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -30,14 +31,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    out = generate(args.out, tasks=args.tasks, seed=args.seed, num_train=args.num_train,
-                   num_val=args.num_val)
-    for task, path in out.items():
-        print(f'{task}: {path}')
-    if not args.no_checkpoints:
-        from flora_mm.datasets.checkpoints import generate_checkpoints
-        for name, path in generate_checkpoints(args.out, seed=args.seed).items():
-            print(f'{name}: {path}')
+    written = make_tiny_data(args.out, tasks=args.tasks, seed=args.seed,
+                             num_train=args.num_train, num_val=args.num_val,
+                             checkpoints=not args.no_checkpoints)
+    for name, path in written.items():
+        print(f'{name}: {path}')
 
 
 if __name__ == '__main__':

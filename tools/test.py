@@ -3,14 +3,18 @@
     python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out OUT] [--show]
         [--show-dir DIR] [--wait-time S] [--cfg-options k=v ...] [--launcher ...] [--tta]
 
-Same arguments and behaviour as the OpenMMLab packages' tools/test.py; ``--out`` follows the
-config's package: a .pkl of predictions for mmdet/mmrotate, a folder of prediction pngs for
-mmseg.
+Same arguments and behaviour as the OpenMMLab packages' tools/test.py (``flora_mm.apis.test``);
+``--out`` follows the config's package: a .pkl of predictions for mmdet/mmrotate, a folder of
+prediction pngs for mmseg.
 """
 import argparse
+import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
-import _common as common
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's flora_mm
+
+from flora_mm.apis import add_runner_args, parse_with_local_rank, test  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -31,29 +35,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--wait-time', type=float, default=2,
                         help='the interval of show (s)')
     parser.add_argument('--tta', action='store_true', help='Test time augmentation')
-    common.add_common_args(parser)
-    return common.parse_with_local_rank(parser, argv)
+    add_runner_args(parser)
+    return parse_with_local_rank(parser, argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
-    cfg = common.load_config(args)
-    scope = common.get_scope(cfg)
-    common.setup_dynamo(scope)
-    common.register_scope(scope)
-
-    cfg.load_from = args.checkpoint
-    if args.show or args.show_dir:
-        cfg = common.trigger_visualization_hook(cfg, args)
-    if args.tta:
-        common.enable_tta(cfg)
-    if args.out is not None and scope == 'mmseg':
-        common.set_out(cfg, args.out)
-
-    runner = common.build_runner(cfg)
-    if args.out is not None and scope != 'mmseg':
-        common.add_dump_metric(runner, scope, args.out)
-    runner.test()
+    test(args.config, args.checkpoint, work_dir=args.work_dir, out=args.out, show=args.show,
+         show_dir=args.show_dir, wait_time=args.wait_time, tta=args.tta,
+         cfg_options=args.cfg_options, launcher=args.launcher)
 
 
 if __name__ == '__main__':

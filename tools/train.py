@@ -3,12 +3,17 @@
     python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp] [--auto-scale-lr]
         [--cfg-options k=v ...] [--launcher none|pytorch|slurm|mpi]
 
-Same arguments and behaviour as the OpenMMLab packages' tools/train.py.
+Same arguments and behaviour as the OpenMMLab packages' tools/train.py
+(``flora_mm.apis.train``).
 """
 import argparse
+import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
-import _common as common
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's flora_mm
+
+from flora_mm.apis import add_runner_args, parse_with_local_rank, train  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -23,25 +28,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         '--resume', nargs='?', type=str, const='auto',
         help='If specify checkpoint path, resume from it, while if not specify, try to auto '
         'resume from the latest checkpoint in the work directory.')
-    common.add_common_args(parser)
-    return common.parse_with_local_rank(parser, argv)
+    add_runner_args(parser)
+    return parse_with_local_rank(parser, argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
-    cfg = common.load_config(args)
-    scope = common.get_scope(cfg)
-    common.setup_dynamo(scope)
-    common.register_scope(scope)
-
-    if args.amp:
-        common.enable_amp(cfg)
-    if args.auto_scale_lr:
-        common.enable_auto_scale_lr(cfg)
-    common.apply_resume(cfg, args.resume)
-
-    runner = common.build_runner(cfg)
-    runner.train()
+    train(args.config, work_dir=args.work_dir, resume=args.resume, amp=args.amp,
+          auto_scale_lr=args.auto_scale_lr, cfg_options=args.cfg_options,
+          launcher=args.launcher)
 
 
 if __name__ == '__main__':

@@ -1,4 +1,7 @@
-# LoRA rank 8 on every conv and linear of the backbone (convs via the reshaped update, paper eq. 3).
-# Methods differ only in model.backbone.peft.
+# LoRA rank 8 on every conv and linear of the backbone (convs via the reshaped update,
+# paper eq. 3), peft's default alpha 8 (scaling 8 / r).
+# Methods differ only in model.backbone.peft (docs/recipes.md).
 _base_ = './_base_/upernet_convnextv2-l_160k_ade20k-640x640.py'
-model = dict(backbone=dict(peft=dict(_delete_=True, type='LoRA', rank=8, alpha=8, dropout=0.0, targets=dict(types=['Conv2d', 'Linear']))))
+model = dict(backbone=dict(peft=dict(
+    _delete_=True, type='LoRA', rank=8, alpha=8, dropout=0.0,
+    targets=dict(types=['Conv2d', 'Linear']))))

@@ -1,5 +1,8 @@
-# FLoRA rank 8 (r1 = r2 = 8, kernel rank 2) on every conv and linear of the backbone.
-# Methods differ only in model.backbone.peft.
+# FLoRA rank 8 (r1 = r2 = 8, kernel rank 2) on every conv and linear of the backbone,
+# the authors' factor init and their scale s for this backbone (flora_scale in the model base).
+# Methods differ only in model.backbone.peft (docs/recipes.md).
 _base_ = './_base_/mask-rcnn_convnextv2-l_fpn_ms-crop-3x_coco.py'
-model = dict(backbone=dict(peft=dict(_delete_=True, type='FLoRA', rank=8, kernel_rank=2, scale=4.0, dropout=0.0,
-        targets=dict(types=['Conv2d', 'Linear']))))
+model = dict(backbone=dict(peft=dict(
+    _delete_=True, type='FLoRA', rank=8, kernel_rank=2,
+    scale={{_base_.flora_scale}}, dropout=0.0,
+    targets=dict(types=['Conv2d', 'Linear']))))

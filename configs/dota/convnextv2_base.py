@@ -1,4 +1,5 @@
 # the paper's "Base": frozen backbone, neck and heads train.
-# Methods differ only in model.backbone.peft.
+# Head-tuning settings (InternVL's frozen-backbone recipe): no drop path.
 _base_ = './_base_/oriented-rcnn-le90_convnextv2-l_fpn_1x_dota.py'
-model = dict(backbone=dict(peft=dict(_delete_=True, type='Frozen')))
+model = dict(backbone=dict(backbone=dict(drop_path_rate=0.0),
+                           peft=dict(_delete_=True, type='Frozen')))

@@ -2,9 +2,11 @@
 
 mmcv compiles every op into one extension, ``mmcv._ext``; a build without CUDA still imports
 and runs on the CPU, and only fails at the first op on a CUDA tensor. Whether the kernels are
-there is read from the extension's symbol table: nvcc emits a host-side stub for every
-``__global__`` function, whose mangled name carries the kernel's identifier verbatim
-(``<length><name>``), so the check needs neither a GPU nor NVIDIA's binary tools.
+there is read from the extension's symbol table: nvcc emits a host-side launch stub for every
+``__global__`` function, ``__device_stub__Z<length><name>...``, so a stub names a kernel whose
+device code was compiled into the file (a host function of the same name would not have one).
+The check needs neither a GPU nor NVIDIA's binary tools, only an unstripped extension, which is
+how pip builds it.
 """
 from __future__ import annotations
 
@@ -44,14 +46,14 @@ def extension_symbols(path: str) -> set[str]:
 
 
 def mmcv_cuda_kernels(path: str | None = None) -> dict[str, dict[str, bool]]:
-    """{op: {kernel: found}} for :data:`DETECTION_OP_KERNELS` in ``path`` (mmcv's _ext)."""
+    """{op: {kernel: launch stub found}} for :data:`DETECTION_OP_KERNELS` in ``path``."""
     symbols = extension_symbols(path or mmcv_extension_path())
     out = {}
     for op, kernels in DETECTION_OP_KERNELS.items():
         out[op] = {}
         for kernel in kernels:
-            mangled = f'{len(kernel)}{kernel}'
-            out[op][kernel] = any(mangled in s for s in symbols)
+            stub = f'__device_stub__Z{len(kernel)}{kernel}'
+            out[op][kernel] = any(stub in s for s in symbols)
     return out
 
 

@@ -118,8 +118,9 @@ def run_gpu_check(work_dir: str = 'work_dirs/gpu_check') -> int:
         [sys.executable, 'tools/make_tiny_data.py', '--out', data_root],
         os.path.join(work_dir, 'data.log'))))
     for i, (name, config, options, metrics) in enumerate(TRAIN_STEPS):
-        results.append(_timed(name, lambda c=config, o=options, m=metrics, i=i: _train_and_test(
-            c, o, m, os.path.join(work_dir, f'task{i}')))))
+        task_dir = os.path.join(work_dir, f'task{i}')
+        results.append(_timed(name, lambda c=config, o=options, m=metrics, d=task_dir:
+                              _train_and_test(c, o, m, d)))
     results.append(_timed('pytest -m cuda', lambda: _run(
         [sys.executable, '-m', 'pytest', '-m', 'cuda', '-q', 'tests'],
         os.path.join(work_dir, 'pytest_cuda.log'))))

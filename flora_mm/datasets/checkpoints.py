@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
+from ..utils.fileio import atomic_paths
+
 
 def _save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.tmp-{path.name}')
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_paths(path) as (tmp,):
+        torch.save(obj, tmp)
 
 
 def generate_checkpoints(root: str | os.PathLike = 'data/tiny', seed: int = 0) -> dict[str, Path]:

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import cv2
 import numpy as np
+
+from ..utils.fileio import atomic_dir
 
 __all__ = [
     'COCO_CATEGORIES', 'COCO_CLASSES', 'ADE_CLASSES', 'ADE_LABELS', 'DOTA_CLASSES', 'TASKS',
@@ -132,30 +131,6 @@ def _shoelace(poly: np.ndarray) -> float:
     return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2)
 
 
-@contextmanager
-def _atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``final``; on success it replaces ``final`` by renames.
-
-    Readers never see a half-written dataset, and a failed run leaves the old one in place.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{final.name}.tmp-', dir=final.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o755)
-        old = None
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f'.{final.name}.old-', dir=final.parent))
-            os.rename(final, old / final.name)
-        os.rename(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, 'w', encoding='utf-8', newline='\n') as f:
@@ -226,7 +201,7 @@ def generate_coco(root: str | os.PathLike = DEFAULT_ROOT, seed: int = 0, num_tra
     """
     h, w = img_size
     final = Path(root) / 'coco'
-    with _atomic_dir(final) as tmp:
+    with atomic_dir(final) as tmp:
         for split, num, id_offset in (('train', num_train, 0), ('val', num_val, 100000)):
             folder = f'{split}2017'
             images, annotations = [], []
@@ -293,7 +268,7 @@ def generate_ade20k(root: str | os.PathLike = DEFAULT_ROOT, seed: int = 0, num_t
     """Write ``<root>/ade/ADEChallengeData2016`` (jpg images, png label maps); returns it."""
     h, w = img_size
     final = Path(root) / 'ade' / 'ADEChallengeData2016'
-    with _atomic_dir(final) as tmp:
+    with atomic_dir(final) as tmp:
         for split, num, folder, prefix in (('train', num_train, 'training', 'ADE_train'),
                                            ('val', num_val, 'validation', 'ADE_val')):
             for i in range(num):
@@ -348,7 +323,7 @@ def generate_dota(root: str | os.PathLike = DEFAULT_ROOT, seed: int = 0, num_tra
     ``merge_patches`` can parse them; ``test`` has annfiles too so it can be evaluated.
     """
     final = Path(root) / 'split_ss_dota'
-    with _atomic_dir(final) as tmp:
+    with atomic_dir(final) as tmp:
         for split, num, folder, first in (('train', num_train, 'trainval', 1),
                                           ('val', num_val, 'test', 5001)):
             for i in range(num):

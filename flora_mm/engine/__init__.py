@@ -1,3 +1,5 @@
-from .flora_hook import FLoRAHook, parameter_table, update_norms
+from .flora_hook import FLoRAHook
+from .optim_constructor import LayerDecayOptimWrapperConstructor
+from ..peft.inspection import parameter_table, update_norms  # re-exported (former home)
 
-__all__ = ['FLoRAHook', 'parameter_table', 'update_norms']
+__all__ = ['FLoRAHook', 'LayerDecayOptimWrapperConstructor', 'parameter_table', 'update_norms']

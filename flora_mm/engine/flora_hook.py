@@ -9,99 +9,52 @@
   ``scale_lr``, ``build_param_scheduler``). Pretrained loading (``init_weights``) and
   ``load_from``/resume come after ``before_run`` and so fill the base weights of the adapted model.
 - logs a table of total/trainable parameters per part and fails if anything outside the intended
-  set trains (inside adapted parts: exactly the method's tensors);
+  set trains (inside adapted parts: exactly the method's tensors); frozen tensors are taken
+  out of the optimizer;
 - writes ``<checkpoint>_adapter.safetensors`` + ``.json`` next to each regular checkpoint;
 - logs the Frobenius norm of the update per stage every ``norm_interval`` iterations;
 - at the end of training, checks that the frozen weights did not change.
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import re
-from collections import OrderedDict
 
-import torch
 from mmengine.dist import is_main_process
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
+from mmengine.optim import OptimWrapper, OptimWrapperDict
 from torch import nn
 
-from ..peft import build_peft_method, count_parameters, injected_roots
-from ..peft.base import AdapterLayer
-from ..peft.io import base_fingerprint, base_state_names, save_adapter_checkpoint
+from ..peft import (DEFAULT_GROUP, build_peft_method, count_parameters, format_table,
+                    inject_into_parts, injected_roots, normalize_parts, parameter_table,
+                    unexpected_trainable, update_norms)
+from ..peft.io import base_digests, base_fingerprint, save_adapter_checkpoint
 from ..registry import HOOKS
 
-DEFAULT_GROUP = r'(stages\.\d+|blocks\.\d+|layers\.\d+)'
+# the inspection helpers live in flora_mm.peft; importable from here as before
+__all__ = ['FLoRAHook', 'parameter_table', 'format_table', 'unexpected_trainable',
+           'update_norms', 'DEFAULT_GROUP']
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if is_model_wrapper(model) else model
 
 
-def parameter_table(model: nn.Module) -> list[tuple[str, str, int, int]]:
-    """(part, method, total, trainable) per top-level child of the model."""
-    methods = {name: m.name for name, _, m in injected_roots(model)}
-    rows = []
-    for part, module in model.named_children():
-        params = list(module.parameters())
-        if not params:
-            continue
-        method = ', '.join(sorted({v for k, v in methods.items()
-                                   if k == part or k.startswith(part + '.')})) or '-'
-        rows.append((part, method, sum(p.numel() for p in params),
-                     sum(p.numel() for p in params if p.requires_grad)))
-    return rows
-
-
-def format_table(rows: list[tuple[str, str, int, int]]) -> str:
-    lines = [f'{"part":<18}{"method":<10}{"total":>15}{"trainable":>15}{"%":>8}']
-    for part, method, total, trainable in rows:
-        lines.append(f'{part:<18}{method:<10}{total:>15,}{trainable:>15,}'
-                     f'{100.0 * trainable / max(total, 1):>8.2f}')
-    total = sum(r[2] for r in rows)
-    trainable = sum(r[3] for r in rows)
-    lines.append(f'{"all":<18}{"":<10}{total:>15,}{trainable:>15,}'
-                 f'{100.0 * trainable / max(total, 1):>8.2f}')
-    return '\n'.join(lines)
-
-
-def unexpected_trainable(model: nn.Module) -> tuple[list[str], list[str]]:
-    """(trainable tensors the method did not choose, method tensors that are frozen)."""
-    extra, frozen = [], []
-    for root_name, root, _ in injected_roots(model):
-        prefix = f'{root_name}.' if root_name else ''
-        chosen = set(root.__dict__['_flora_mm_peft_trainable'])
-        for name, param in root.named_parameters():
-            if param.requires_grad and name not in chosen:
-                extra.append(prefix + name)
-            elif not param.requires_grad and name in chosen:
-                frozen.append(prefix + name)
-    return extra, frozen
-
-
-def update_norms(model: nn.Module, group_pattern: str = DEFAULT_GROUP) -> dict[str, float]:
-    """||s * dW||_F per stage (square root of the summed squares of its layers)."""
-    sums: dict[str, float] = OrderedDict()
-    with torch.no_grad():
-        for name, layer in model.named_modules():
-            if isinstance(layer, AdapterLayer):
-                match = re.search(group_pattern, name)
-                group = match.group(1) if match else 'other'
-                sums[group] = sums.get(group, 0.0) + float(layer.delta_weight().float().pow(2).sum())
-    return {k: v ** 0.5 for k, v in sums.items()}
-
-
-def _frozen_digest(model: nn.Module) -> dict[str, str]:
-    state = model.state_dict()
-    out = {}
-    for name in base_state_names(model):
-        t = state[name].detach()
-        if t.device.type == 'meta':
-            continue
-        out[name] = hashlib.sha256(t.cpu().contiguous().view(-1).view(torch.uint8)
-                                   .numpy().tobytes()).hexdigest()
-    return out
+def _drop_frozen_from_optimizer(runner) -> None:
+    """mmengine's optimizer constructors hand every parameter to the optimizer, frozen ones
+    too (a frozen ConvNeXt-V2-L is 196M of them, walked by every step and gradient clip).
+    Keep only trainable ones; this runs before the first step and before resume, so no
+    optimizer state exists yet. Empty groups stay, aligned with the schedulers' lists."""
+    optim_wrapper = getattr(runner, 'optim_wrapper', None)
+    if isinstance(optim_wrapper, OptimWrapperDict):
+        wrappers = list(optim_wrapper.values())
+    elif isinstance(optim_wrapper, OptimWrapper):
+        wrappers = [optim_wrapper]
+    else:  # not built (test / val runs)
+        return
+    for wrapper in wrappers:
+        for group in wrapper.optimizer.param_groups:
+            group['params'] = [p for p in group['params'] if p.requires_grad]
 
 
 @HOOKS.register_module()
@@ -116,12 +69,10 @@ class FLoRAHook(Hook):
                  check_frozen: bool = True) -> None:
         if peft is not None:
             build_peft_method(peft)  # validate the config now, not after the Runner is built
-        if isinstance(parts, str):
-            parts = [parts]
         if norm_interval < 0:
             raise ValueError(f'norm_interval must be >= 0 (0 disables), got {norm_interval}')
         self.peft = peft
-        self.parts = list(parts)
+        self.parts = normalize_parts(parts)
         self.norm_interval = norm_interval
         self.group_pattern = group_pattern
         self.save_adapter = save_adapter
@@ -139,7 +90,8 @@ class FLoRAHook(Hook):
         if not list(injected_roots(model)):
             raise RuntimeError('FLoRAHook: the model has no PEFT method: build the backbone with '
                                "type='PEFTBackbone' or give the hook peft=dict(...)")
-        runner.logger.info('FLoRAHook parameters per part:\n' + format_table(parameter_table(model)))
+        runner.logger.info('FLoRAHook parameters per part:\n'
+                           + format_table(parameter_table(model)))
         if self.check_trainable:
             extra, frozen = unexpected_trainable(model)
             if extra or frozen:
@@ -147,19 +99,14 @@ class FLoRAHook(Hook):
                     f'FLoRAHook: trainable set is not the intended one: {len(extra)} tensors '
                     f'train outside the PEFT method (e.g. {extra[:5]}), {len(frozen)} method '
                     f'tensors are frozen (e.g. {frozen[:5]})')
+        _drop_frozen_from_optimizer(runner)
 
     def _inject(self, runner, model: nn.Module) -> None:
-        injected = {name for name, _, _ in injected_roots(model)}
         changed = False
-        for part in self.parts:
-            try:
-                module = model.get_submodule(part)
-            except AttributeError as err:
-                raise AttributeError(f'FLoRAHook: the model has no part {part!r}') from err
-            if part in injected:
+        for part, names in inject_into_parts(model, self.peft, self.parts).items():
+            if names is None:
                 runner.logger.info(f'FLoRAHook: {part} already carries adapters; not injecting')
                 continue
-            names = build_peft_method(self.peft).inject(module)
             runner.logger.info(f'FLoRAHook: {self.peft["type"]} injected into {len(names)} '
                                f'layers of {part}')
             changed = True
@@ -182,7 +129,7 @@ class FLoRAHook(Hook):
         model = _unwrap(runner.model)
         self._fingerprint = base_fingerprint(model)
         if self.check_frozen:
-            self._frozen_digest = _frozen_digest(model)
+            self._frozen_digest = base_digests(model)
         self._last_ckpt = runner.message_hub.get_info('last_ckpt')
         counts = count_parameters(model)
         runner.message_hub.update_info('flora_mm_trainable', counts['trainable'])
@@ -201,7 +148,7 @@ class FLoRAHook(Hook):
     def after_train(self, runner) -> None:
         self._maybe_save_adapter(runner)
         if self.check_frozen and self._frozen_digest is not None:
-            now = _frozen_digest(_unwrap(runner.model))
+            now = base_digests(_unwrap(runner.model))
             changed = [k for k, v in self._frozen_digest.items() if now.get(k) != v]
             if changed:
                 raise RuntimeError(f'FLoRAHook: {len(changed)} frozen base tensors changed '

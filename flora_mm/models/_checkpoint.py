@@ -4,17 +4,28 @@ The backbones load their own pretrained weights (instead of mmengine's ``Pretrai
 because the files come in foreign key layouts that need converting first, and because adapter
 layers may already sit in the model: loading goes by state-dict key, never by module identity.
 Nothing here ever touches the network: a URL is refused with a ValueError.
+
+Files from users are untrusted: ``.pth``/``.bin`` files load with ``torch.load(weights_only=True)``
+only (a file that needs arbitrary unpickling is refused, naming its unsafe globals), and
+``.safetensors`` files, single or sharded (``model.safetensors.index.json`` + shards), through
+safetensors. A load that does not fit (nothing matches, a tensor of another shape, a block the
+outputs depend on left uninitialised) is a :class:`PretrainedLoadError` naming the file.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
+import re
+from collections.abc import Callable
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from mmengine.logging import print_log
+
+from ..utils.misc import short_list
 
 # Prefixes that name a remote or zoo checkpoint; mmengine would download these, we refuse them.
 _REMOTE_PREFIXES = ('hf-hub:', 'hf_hub:', 'hf:', 'timm/', 'open-mmlab:', 'openmmlab:', 'mmcls:',
@@ -24,50 +35,128 @@ _REMOTE_PREFIXES = ('hf-hub:', 'hf_hub:', 'hf:', 'timm/', 'open-mmlab:', 'openmm
 # DeepSpeed as used by InternVL 'module'), unwrapped in this order.
 _WRAPPER_KEYS = ('state_dict', 'model', 'module')
 
+# What a directory given as checkpoint is searched for (Hugging Face release layouts).
+_DIR_CANDIDATES = ('model.safetensors.index.json', 'model.safetensors',
+                   'pytorch_model.bin.index.json', 'pytorch_model.bin')
+
+#: keys of ``dict(type='Pretrained', ...)`` the backbones understand
+PRETRAINED_KEYS = ('type', 'checkpoint', 'prefix', 'map_location', 'allow_shape_mismatch',
+                   'min_loaded_share')
+#: default least share (by element count) of the backbone's pretrained tensors a file must fill
+DEFAULT_MIN_LOADED_SHARE = 0.5
+
+
+class PretrainedLoadError(RuntimeError):
+    """A pretrained file that cannot be read or does not fit the model; names the file."""
+
 
 def resolve_local_path(checkpoint: str) -> str:
-    """Return the expanded local path, refusing URLs and naming missing files."""
+    """Return the expanded local path, refusing URLs and naming missing files.
+
+    A directory stands for the Hugging Face release inside it (``model.safetensors.index.json``
+    with its shards, ``model.safetensors``, or their ``pytorch_model.bin`` counterparts).
+    """
     if not isinstance(checkpoint, (str, os.PathLike)):
         raise TypeError(f'checkpoint must be a local file path, got {type(checkpoint).__name__}')
     checkpoint = os.fspath(checkpoint)
     path = os.path.abspath(os.path.expanduser(checkpoint))
     remote = '://' in checkpoint or (checkpoint.startswith(_REMOTE_PREFIXES)
-                                     and not os.path.isfile(path))
+                                     and not os.path.exists(path))
     if remote:
         raise ValueError(
             f'Only local checkpoint files are supported (no downloads), got {checkpoint!r}. '
             'Download the file yourself and pass its path.')
+    if os.path.isdir(path):
+        for name in _DIR_CANDIDATES:
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+        raise FileNotFoundError(f'Pretrained checkpoint directory {path} holds none of '
+                                f'{", ".join(_DIR_CANDIDATES)}')
     if not os.path.isfile(path):
         raise FileNotFoundError(f'Pretrained checkpoint not found: {path}')
     return path
 
 
 def read_state_dict(checkpoint: str) -> Dict[str, torch.Tensor]:
-    """Read a local .pth/.pt/.bin/.safetensors file and return its (unwrapped) tensor dict."""
+    """Read a local .pth/.pt/.bin/.safetensors file, a shard index or a release directory and
+    return its (unwrapped) tensor dict."""
     path = resolve_local_path(checkpoint)
-    if path.endswith('.safetensors'):
-        from safetensors.torch import load_file
-        obj = load_file(path, device='cpu')
-    else:
-        try:
-            obj = torch.load(path, map_location='cpu', weights_only=True)
-        except pickle.UnpicklingError:
-            # Official training checkpoints also pickle argparse Namespaces, numpy scalars, ...
-            # which torch >= 2.6's weights_only loader refuses. The user named this local file.
-            print_log(f'{path} holds non-tensor objects; loading it with weights_only=False',
-                      logger='current', level=logging.WARNING)
-            obj = torch.load(path, map_location='cpu', weights_only=False)
-    return unwrap_state_dict(obj)
+    if path.endswith('.index.json'):
+        return _read_sharded(path)
+    return unwrap_state_dict(_read_file(path), path)
 
 
-def unwrap_state_dict(obj: Mapping) -> Dict[str, torch.Tensor]:
+def _read_file(path: str) -> Mapping:
+    """One file, safely: safetensors, or ``torch.load(weights_only=True)``."""
+    try:
+        if path.endswith('.safetensors'):
+            from safetensors.torch import load_file
+            return load_file(path, device='cpu')
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise PretrainedLoadError(_unsafe_message(path, err)) from err
+    except Exception as err:  # truncated zip, bad safetensors header, EOF, ...: name the file
+        raise PretrainedLoadError(
+            f'cannot read checkpoint {path} (truncated or corrupt?): '
+            f'{type(err).__name__}: {err}') from err
+
+
+def _unsafe_message(path: str, err: Exception) -> str:
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # legacy (non-zip) files cannot be scanned
+        names = []
+    found = ', '.join(names) if names else str(err).splitlines()[0]
+    return (f'refusing to load {path}: it needs arbitrary unpickling (unsafe globals: {found}), '
+            'which could run code from the file. Pretrained files must hold plain tensors '
+            '(torch.save(model.state_dict()) or safetensors); re-save its state dict in a '
+            'trusted environment.')
+
+
+def _read_sharded(index_path: str) -> Dict[str, torch.Tensor]:
+    """A sharded release: ``weight_map`` of the index names the shard holding each tensor."""
+    try:
+        with open(index_path, encoding='utf-8') as f:
+            weight_map = json.load(f)['weight_map']
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise PretrainedLoadError(f'cannot read shard index {index_path}: '
+                                  f'{type(err).__name__}: {err}') from err
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise PretrainedLoadError(f'{index_path}: "weight_map" must map tensor names to shard '
+                                  'file names')
+    root = os.path.dirname(index_path)
+    by_shard: Dict[str, List[str]] = {}
+    for key, shard in weight_map.items():
+        by_shard.setdefault(shard, []).append(key)
+    sd: Dict[str, torch.Tensor] = {}
+    for shard, keys in sorted(by_shard.items()):
+        norm = os.path.normpath(shard)
+        if os.path.isabs(norm) or norm.startswith(os.pardir):
+            raise PretrainedLoadError(f'{index_path}: shard {shard!r} lies outside {root}')
+        shard_path = os.path.join(root, norm)
+        if not os.path.isfile(shard_path):
+            raise FileNotFoundError(f'shard {shard_path} named by {index_path} not found')
+        part = unwrap_state_dict(_read_file(shard_path), shard_path)
+        absent = [k for k in keys if k not in part]
+        if absent:
+            raise PretrainedLoadError(f'shard {shard_path} lacks {len(absent)} tensor(s) that '
+                                      f'{index_path} places there: {_short(absent, 8)}')
+        sd.update((k, part[k]) for k in keys)
+    return sd
+
+
+def unwrap_state_dict(obj: Mapping, path: str = 'checkpoint') -> Dict[str, torch.Tensor]:
     """Strip training wrappers ('state_dict'/'model'/'module' dicts, 'module.' key prefix)."""
     for key in _WRAPPER_KEYS:
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
     if not isinstance(obj, Mapping):
-        raise TypeError(f'checkpoint does not hold a state dict (got {type(obj).__name__})')
+        raise PretrainedLoadError(f'{path} does not hold a state dict '
+                                  f'(got {type(obj).__name__})')
     sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not sd:
+        raise PretrainedLoadError(f'{path} holds no tensors')
     if sd and all(k.startswith('module.') for k in sd):  # saved from a DDP-wrapped model
         sd = {k[len('module.'):]: v for k, v in sd.items()}
     return sd
@@ -99,57 +188,129 @@ def init_weights_from_cfg(module) -> None:
     """``init_weights`` body shared by the backbones (``module`` is an mmengine BaseModule).
 
     Non-pretrained init configs go through mmengine's ``initialize``; a 'Pretrained' entry is
-    handed to ``module.load_pretrained(checkpoint, prefix)`` instead of mmengine's
-    PretrainedInit, which would load keys unconverted and download URLs. Children are not
-    re-initialised: timm initialised them at construction. Runs once (``is_init``), so a
+    handed to ``module.load_pretrained(checkpoint, prefix, **options)`` instead of mmengine's
+    PretrainedInit, which would load keys unconverted and download URLs. Its options are
+    ``allow_shape_mismatch`` and ``min_loaded_share`` (see :func:`load_by_keys`). Children are
+    not re-initialised: timm initialised them at construction. Runs once (``is_init``), so a
     detector's ``init_weights`` after adapter injection does not reload the weights.
     """
     if module.is_init:
         return
     from mmengine.model import initialize
     pretrained, others = pretrained_cfg(module.init_cfg)
+    if pretrained is not None:
+        unknown = set(pretrained) - set(PRETRAINED_KEYS)
+        if unknown:
+            raise ValueError(f'init_cfg Pretrained: unknown key(s) {sorted(unknown)}; '
+                             f'allowed: {list(PRETRAINED_KEYS)}')
     if others:
         initialize(module, others)
     if pretrained is not None:
-        module.load_pretrained(pretrained['checkpoint'], prefix=pretrained.get('prefix'))
+        options = {k: pretrained[k] for k in ('allow_shape_mismatch', 'min_loaded_share')
+                   if k in pretrained}
+        module.load_pretrained(pretrained['checkpoint'], prefix=pretrained.get('prefix'),
+                               **options)
     module.is_init = True
 
 
-def load_by_keys(module: nn.Module, sd: Dict[str, torch.Tensor], name: str,
-                 expected_missing: Iterable[str] = ()) -> Tuple[List[str], List[str]]:
-    """Load ``sd`` into ``module`` by key (strict=False) and log what did not match.
+def _adapter_prefixes() -> Tuple[str, ...]:
+    """Names of the tensors every adapter-layer class adds (never in a pretrained file)."""
+    from ..peft.base import AdapterLayer
+    names, todo = set(), [AdapterLayer]
+    while todo:
+        cls = todo.pop()
+        names.update(cls.adapter_prefixes)
+        todo.extend(cls.__subclasses__())
+    return tuple(sorted(names))
 
-    Tensors whose shape differs from the model's are left out (``load_state_dict`` would raise
-    even with strict=False) and reported as unexpected. ``expected_missing`` are key prefixes
-    that are missing by design (e.g. new output norms) and logged at INFO level only.
-    Returns (missing_keys, unexpected_keys).
+
+def load_by_keys(module: nn.Module, sd: Dict[str, torch.Tensor], name: str,
+                 expected_missing: Iterable[str] = (), required: Iterable[str] = (),
+                 hint: Optional[Callable[[Dict[str, torch.Tensor]], str]] = None,
+                 allow_shape_mismatch: bool = False,
+                 min_loaded_share: float = DEFAULT_MIN_LOADED_SHARE,
+                 ) -> Tuple[List[str], List[str]]:
+    """Load ``sd`` into ``module`` by key and raise :class:`PretrainedLoadError` if it does not fit.
+
+    - ``expected_missing``: key prefixes missing by design (new output norms, the simple FPN);
+      adapter tensors are always expected to be missing.
+    - ``required``: key prefixes the returned features depend on (everything up to the last
+      out index): any of them missing is an error naming the blocks, with ``hint(sd)``.
+    - A tensor whose shape differs from the model's is an error naming it, unless
+      ``allow_shape_mismatch`` (then it is skipped with a warning and counts as missing).
+    - Less than ``min_loaded_share`` of the other tensors' elements loaded (nothing at all
+      included) is an error.
+    Returns (missing_keys, unexpected_keys); missing includes the expected ones.
     """
     own = module.state_dict()
+    adapter = _adapter_prefixes()
+    prefixes = tuple(expected_missing)
+
+    def expected(key: str) -> bool:
+        return (bool(prefixes) and key.startswith(prefixes)) or any(
+            part.startswith(adapter) for part in key.split('.'))
+
     mismatched = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    if mismatched and not allow_shape_mismatch:
+        details = '; '.join(f'{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}'
+                            for k in mismatched[:6])
+        more = f' (and {len(mismatched) - 6} more)' if len(mismatched) > 6 else ''
+        raise PretrainedLoadError(
+            f'{name}: {len(mismatched)} tensor(s) have another shape than the model\'s: '
+            f'{details}{more}. A checkpoint of another model size? (init_cfg '
+            "Pretrained(allow_shape_mismatch=True) skips them, leaving them random.)")
     for k in mismatched:
         print_log(f'{name}: skip {k}, checkpoint shape {tuple(sd[k].shape)} != model shape '
-                  f'{tuple(own[k].shape)}', logger='current', level=logging.WARNING)
+                  f'{tuple(own[k].shape)} (allow_shape_mismatch)', logger='current',
+                  level=logging.WARNING)
     sd = {k: v for k, v in sd.items() if k not in mismatched}
+    loaded = [k for k in sd if k in own]
+    if not loaded:
+        raise PretrainedLoadError(
+            f'{name}: no tensor of the file matches the model (file keys: '
+            f'{_short(sorted(sd), 5)}; model keys: {_short(sorted(own), 5)}). Another model, '
+            "or a detector/segmentor checkpoint that needs prefix='backbone.'?")
     result = module.load_state_dict(sd, strict=False)
     missing = list(result.missing_keys) + mismatched
     unexpected = list(result.unexpected_keys)
-    prefixes = tuple(expected_missing)
-    expected = [k for k in missing if prefixes and k.startswith(prefixes)]
-    other_missing = [k for k in missing if k not in expected]
-    print_log(f'{name}: loaded {len(sd) - len(unexpected)} tensors', logger='current')
-    if expected:
-        print_log(f'{name}: missing keys (expected, newly initialised): {_short(expected)}',
+    expected_keys = [k for k in missing if expected(k)]
+    other_missing = [k for k in missing if not expected(k)]
+
+    req = tuple(required)
+    req_missing = [k for k in other_missing if req and k.startswith(req)]
+    if req_missing:
+        blocks = list(dict.fromkeys(_block_of(k) for k in req_missing))
+        raise PretrainedLoadError(
+            f'{name}: the checkpoint leaves {_short(blocks, 12)} uninitialised, but the '
+            f'outputs depend on them. {hint(sd) if hint else ""}'.rstrip())
+
+    counted = {k: v for k, v in own.items() if not expected(k)}
+    total = sum(v.numel() for v in counted.values())
+    share = sum(counted[k].numel() for k in loaded if k in counted) / max(total, 1)
+    if share < min_loaded_share:
+        raise PretrainedLoadError(
+            f'{name}: the file fills only {share:.1%} of the backbone\'s pretrained tensors '
+            f'(least share: {min_loaded_share:.0%}); missing e.g. {_short(other_missing, 8)}')
+
+    print_log(f'{name}: loaded {len(loaded)} tensors ({share:.1%} of the backbone)',
+              logger='current')
+    if expected_keys:
+        print_log(f'{name}: missing keys (expected, newly initialised): {_short(expected_keys)}',
                   logger='current')
     if other_missing:
-        print_log(f'{name}: missing keys: {_short(other_missing)}', logger='current',
-                  level=logging.WARNING)
+        print_log(f'{name}: missing keys (not used by the outputs): {_short(other_missing)}',
+                  logger='current', level=logging.WARNING)
     if unexpected:
         print_log(f'{name}: unexpected keys: {_short(unexpected)}', logger='current',
                   level=logging.WARNING)
     return missing, unexpected
 
 
+def _block_of(key: str) -> str:
+    """The block (``...blocks.N``) or module a key belongs to, for messages."""
+    m = re.match(r'^(.*?\bblocks\.\d+)\.', key)
+    return m[1] if m else key.rsplit('.', 1)[0]
+
+
 def _short(keys: Sequence[str], limit: int = 40) -> str:
-    keys = list(keys)
-    text = ', '.join(keys[:limit])
-    return text + (f', ... ({len(keys)} in all)' if len(keys) > limit else '')
+    return short_list(keys, limit=limit)  # logs name up to 40 keys

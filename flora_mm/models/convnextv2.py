@@ -20,7 +20,8 @@ from torch.utils.checkpoint import checkpoint
 
 from flora_mm.registry import MODELS
 
-from ._checkpoint import init_weights_from_cfg, load_by_keys, read_state_dict, select_prefix
+from ._checkpoint import (DEFAULT_MIN_LOADED_SHARE, init_weights_from_cfg, load_by_keys,
+                          read_state_dict, select_prefix)
 
 # Every ConvNeXt-V2 size timm defines: name -> (depths, dims), for reference and validation.
 CONVNEXTV2_ARCHS: Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...]]] = {
@@ -125,13 +126,42 @@ class ConvNeXtV2(BaseModule):
         """
         init_weights_from_cfg(self)
 
-    def load_pretrained(self, checkpoint: str,
-                        prefix: Optional[str] = None) -> Tuple[List[str], List[str]]:
-        """Load a local checkpoint in timm or official layout; return (missing, unexpected)."""
+    def load_pretrained(self, checkpoint: str, prefix: Optional[str] = None,
+                        allow_shape_mismatch: bool = False,
+                        min_loaded_share: float = DEFAULT_MIN_LOADED_SHARE,
+                        ) -> Tuple[List[str], List[str]]:
+        """Load a local checkpoint in timm or official layout; return (missing, unexpected).
+
+        The stem and every stage up to the last out index must load completely (else
+        PretrainedLoadError naming the blocks and the matching ``arch``); see ``load_by_keys``
+        for the other checks.
+        """
         sd = select_prefix(read_state_dict(checkpoint), prefix)
         sd = self.convert_state_dict(sd)
+        last = max(self.out_indices)
         return load_by_keys(self, sd, f'ConvNeXtV2-{self.arch} <- {checkpoint}',
-                            expected_missing=[f'norm{i}.' for i in self.out_indices])
+                            expected_missing=[f'norm{i}.' for i in self.out_indices],
+                            required=['stem.'] + [f'stages.{i}.' for i in range(last + 1)],
+                            hint=self._arch_hint, allow_shape_mismatch=allow_shape_mismatch,
+                            min_loaded_share=min_loaded_share)
+
+    def _arch_hint(self, sd: Dict[str, torch.Tensor]) -> str:
+        """Name the arch whose depths match the file, and the stages it fills completely."""
+        blocks: Dict[int, set] = {}
+        for k in sd:
+            m = re.match(r'stages\.(\d+)\.blocks\.(\d+)\.', k)
+            if m:
+                blocks.setdefault(int(m[1]), set()).add(int(m[2]))
+        depths = tuple(len(blocks.get(i, ())) for i in range(4))
+        archs = [a for a, (d, _) in CONVNEXTV2_ARCHS.items() if d == depths]
+        own = CONVNEXTV2_ARCHS[self.arch][0]
+        full = tuple(i for i in range(4) if depths[i] >= own[i])
+        text = f'The file holds {depths} blocks per stage (arch {self.arch!r}: {own})'
+        if archs:
+            text += f': use arch={archs[0]!r}' + (f' (or {archs[1:]})' if archs[1:] else '')
+        if full and full != tuple(range(4)):
+            text += f', or out_indices within the complete stages {full}'
+        return text + '.'
 
     def convert_state_dict(self, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Bring a checkpoint of any supported layout to this module's (timm) key names."""
@@ -201,3 +231,61 @@ def _sparse_fcmae_to_dense(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tenso
             v = v.reshape(-1)
         out[k] = v
     return out
+
+
+# ------------------------------------------------------------------ outgoing: mmpretrain layout
+# timm block key (after ``stages.S.blocks.B.``) -> mmpretrain ``ConvNeXtBlock`` key. ConvNeXt-V2
+# has no layer scale (``gamma``), so every block key is one of these.
+_MMPRETRAIN_BLOCK_RENAMES = (
+    (r'conv_dw\.', 'depthwise_conv.'),
+    (r'norm\.', 'norm.'),
+    (r'mlp\.fc1\.', 'pointwise_conv1.'),
+    (r'mlp\.fc2\.', 'pointwise_conv2.'),
+    (r'mlp\.grn\.weight$', 'grn.gamma'),
+    (r'mlp\.grn\.bias$', 'grn.beta'),
+)
+
+
+def timm_to_mmpretrain_key(key: str) -> str:
+    """One ConvNeXtV2 (timm) key -> mmpretrain ``ConvNeXt`` key; ValueError if it has none."""
+    m = re.fullmatch(r'stem\.(\d)\.(.+)', key)
+    if m:
+        return f'downsample_layers.0.{m[1]}.{m[2]}'
+    m = re.fullmatch(r'stages\.(\d+)\.downsample\.(\d)\.(.+)', key)
+    if m:
+        return f'downsample_layers.{m[1]}.{m[2]}.{m[3]}'
+    m = re.fullmatch(r'stages\.(\d+)\.blocks\.(\d+)\.(.+)', key)
+    if m:
+        for pattern, new in _MMPRETRAIN_BLOCK_RENAMES:
+            if re.match(pattern, m[3]):
+                return f'stages.{m[1]}.{m[2]}.{re.sub(pattern, new, m[3], count=1)}'
+    if re.fullmatch(r'norm\d\.(weight|bias)', key):
+        return key
+    raise ValueError(f'no mmpretrain ConvNeXt name for backbone key {key!r}')
+
+
+def timm_to_mmpretrain(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Rename a ConvNeXtV2 state dict for mmpretrain's ``ConvNeXt``; timm's 1x1-conv MLP
+    (atto..nano: ``conv_mlp=True``) becomes mmpretrain's Linear (it always uses Linear)."""
+    out = {}
+    for key, value in sd.items():
+        new = timm_to_mmpretrain_key(key)
+        if '.pointwise_conv' in new and new.endswith('.weight') and value.dim() == 4:
+            if value.shape[2:] != (1, 1):
+                raise ValueError(f'{key}: expected a 1x1 conv, got shape {tuple(value.shape)}')
+            value = value.flatten(1)
+        out[new] = value
+    return out
+
+
+def mmpretrain_convnext_cfg(backbone: ConvNeXtV2, drop_path_rate: float = 0.0) -> dict:
+    """mmpretrain ``ConvNeXt`` arguments that build the same network as ``backbone``."""
+    if not backbone.out_norm:
+        raise ValueError('ConvNeXtV2(out_norm=False) has no mmpretrain ConvNeXt equivalent '
+                         '(it always normalises its outputs)')
+    frozen = backbone.frozen_stages
+    # flora_mm freezes stem + stages[0..n]; mmpretrain's frozen_stages=m freezes stages [0, m)
+    return dict(type='mmpretrain.ConvNeXt', arch=backbone.arch,
+                out_indices=list(backbone.out_indices), drop_path_rate=float(drop_path_rate),
+                layer_scale_init_value=0., use_grn=True, gap_before_final_norm=False,
+                frozen_stages=frozen + 1 if frozen >= 0 else 0, with_cp=bool(backbone.with_cp))

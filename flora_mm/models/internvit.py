@@ -22,7 +22,8 @@ from torch.utils.checkpoint import checkpoint
 
 from flora_mm.registry import MODELS
 
-from ._checkpoint import init_weights_from_cfg, load_by_keys, read_state_dict, select_prefix
+from ._checkpoint import (DEFAULT_MIN_LOADED_SHARE, init_weights_from_cfg, load_by_keys,
+                          read_state_dict, select_prefix)
 
 # norm: 'rms' = RMSNorm (InternViT-6B), 'ln' = LayerNorm (InternViT-300M, as timm's model).
 INTERNVIT_ARCHS: Dict[str, dict] = {
@@ -198,13 +199,37 @@ class InternViT(BaseModule):
         """Apply init_cfg; a 'Pretrained' entry loads a local file via ``load_pretrained``."""
         init_weights_from_cfg(self)
 
-    def load_pretrained(self, checkpoint: str,
-                        prefix: Optional[str] = None) -> Tuple[List[str], List[str]]:
-        """Load a local InternVL- or HF-layout checkpoint; return (missing, unexpected)."""
+    def load_pretrained(self, checkpoint: str, prefix: Optional[str] = None,
+                        allow_shape_mismatch: bool = False,
+                        min_loaded_share: float = DEFAULT_MIN_LOADED_SHARE,
+                        ) -> Tuple[List[str], List[str]]:
+        """Load a local InternVL- or HF-layout checkpoint (a file, a shard index or a release
+        directory); return (missing, unexpected).
+
+        The embeddings and every block up to the last out index must load (else
+        PretrainedLoadError naming the blocks and the matching depth / out_indices); the
+        position embedding is resampled to this model's grid automatically.
+        """
         sd = select_prefix(read_state_dict(checkpoint), prefix)
         sd = self.convert_state_dict(sd)
+        required = ['patch_embed.', 'pos_embed', 'cls_token'] + [
+            f'blocks.{i}.' for i in range(max(self.out_indices) + 1)]
         return load_by_keys(self, sd, f'InternViT-{self.arch} <- {checkpoint}',
-                            expected_missing=['up1.', 'up2.', 'up3.', 'up4.'])
+                            expected_missing=['up1.', 'up2.', 'up3.', 'up4.'],
+                            required=required, hint=self._depth_hint,
+                            allow_shape_mismatch=allow_shape_mismatch,
+                            min_loaded_share=min_loaded_share)
+
+    def _depth_hint(self, sd: Dict[str, torch.Tensor]) -> str:
+        """Name the depth the file has and out_indices that fit it."""
+        ids = {int(m[1]) for k in sd if (m := re.match(r'blocks\.(\d+)\.', k))}
+        if not ids:
+            return 'The file holds no transformer blocks.'
+        n = max(ids) + 1
+        fit = tuple(n * (i + 1) // 4 - 1 for i in range(4))
+        return (f'The file holds {n} blocks (0..{n - 1}); the model has {len(self.blocks)} and '
+                f'reads out_indices {self.out_indices}: build it with depth={n} '
+                f"(arch=dict(..., depth={n})) and out_indices within 0..{n - 1}, e.g. {fit}.")
 
     def convert_state_dict(self, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Rename HF keys to InternVL's, resize pos-embed and patch kernel to this model."""

@@ -1,13 +1,15 @@
 """Stable public functions of flora_mm.peft (other modules, tools and tests use these names)."""
 from __future__ import annotations
 
-from typing import Iterator
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from ..registry import PEFT_METHODS
-from .base import METHOD_ATTR, TRAINABLE_ATTR, AdapterLayer, PEFTConfigError, PEFTMethod
+from .base import (AdapterLayer, PEFTConfigError, PEFTMethod, injection_state,
+                   set_injection_state)
 
 
 def build_peft_method(cfg: dict | PEFTMethod) -> PEFTMethod:
@@ -36,6 +38,35 @@ def inject_adapters(module: nn.Module, cfg: dict | PEFTMethod) -> list[str]:
     return build_peft_method(cfg).inject(module)
 
 
+def normalize_parts(parts: str | Sequence[str]) -> list[str]:
+    """``'backbone'`` or ``['backbone', 'neck']`` -> a list of attribute paths."""
+    return [parts] if isinstance(parts, str) else list(parts)
+
+
+def inject_into_parts(model: nn.Module, cfg: dict | PEFTMethod,
+                      parts: str | Sequence[str] = ('backbone',)
+                      ) -> dict[str, list[str] | None]:
+    """Inject ``cfg`` into each named part of ``model`` (``FLoRAHook(peft=..., parts=...)``).
+
+    Parts that already carry a method (e.g. a ``PEFTBackbone``) are left alone. Returns
+    ``{part: adapted layer names}``, with None for the parts left alone.
+    """
+    injected = {name for name, _, _ in injected_roots(model)}
+    out: dict[str, list[str] | None] = {}
+    for part in normalize_parts(parts):
+        try:
+            module = model.get_submodule(part)
+        except AttributeError as err:
+            raise AttributeError(f'the model has no part {part!r} to inject adapters into '
+                                 '(FLoRAHook parts)') from err
+        if part in injected:
+            out[part] = None
+            continue
+        out[part] = inject_adapters(module, cfg)
+        injected.add(part)
+    return out
+
+
 def adapter_layers(module: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
     for name, sub in module.named_modules():
         if isinstance(sub, AdapterLayer):
@@ -45,9 +76,9 @@ def adapter_layers(module: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
 def injected_roots(module: nn.Module) -> Iterator[tuple[str, nn.Module, PEFTMethod]]:
     """(name, submodule, method) for every submodule adapters were injected into."""
     for name, sub in module.named_modules():
-        method = sub.__dict__.get(METHOD_ATTR)
-        if method is not None:
-            yield name, sub, method
+        state = injection_state(sub)
+        if state is not None:
+            yield name, sub, state.method
 
 
 def merge_adapters(module: nn.Module) -> None:
@@ -60,6 +91,20 @@ def unmerge_adapters(module: nn.Module) -> None:
         layer.unmerge()
 
 
+@contextmanager
+def unmerged(module: nn.Module) -> Iterator[None]:
+    """Temporarily unmerge the merged adapter layers of ``module`` (to read or write W0 and the
+    adapter tensors consistently); they are merged again on exit."""
+    merged = [layer for _, layer in adapter_layers(module) if layer.merged]
+    for layer in merged:
+        layer.unmerge()
+    try:
+        yield
+    finally:
+        for layer in merged:
+            layer.merge()
+
+
 def reset_adapters_from_base(module: nn.Module) -> None:
     """Re-derive adapter state that depends on W0 (DoRA's magnitude) after W0 was loaded."""
     for _, layer in adapter_layers(module):
@@ -70,7 +115,7 @@ def _trainable_names(module: nn.Module) -> list[str]:
     names = []
     for root_name, root, _ in injected_roots(module):
         prefix = f'{root_name}.' if root_name else ''
-        names += [prefix + n for n in root.__dict__[TRAINABLE_ATTR]]
+        names += [prefix + n for n in injection_state(root).trainable]
     return names
 
 
@@ -100,15 +145,10 @@ def load_adapter_state_dict(module: nn.Module, state_dict: dict[str, torch.Tenso
         if key in state_dict and tuple(state_dict[key].shape) != tuple(params[key].shape):
             raise ValueError(f'adapter tensor {key}: shape {tuple(state_dict[key].shape)} in the '
                              f'file, {tuple(params[key].shape)} in the model (other rank?)')
-    merged = [layer for _, layer in adapter_layers(module) if layer.merged]
-    for layer in merged:
-        layer.unmerge()
-    with torch.no_grad():
+    with unmerged(module), torch.no_grad():
         for key in expected:
             if key in state_dict:
                 params[key].copy_(state_dict[key])
-    for layer in merged:
-        layer.merge()
     return dict(missing_keys=missing, unexpected_keys=unexpected)
 
 
@@ -123,7 +163,7 @@ def count_parameters(module: nn.Module) -> dict:
         prefix = f'{root_name}.' if root_name else ''
         entry = per_method.setdefault(method.name, dict(trainable=0, added=0, layers=0))
         entry['trainable'] += sum(params[prefix + n].numel()
-                                  for n in root.__dict__[TRAINABLE_ATTR])
+                                  for n in injection_state(root).trainable)
         for _, layer in adapter_layers(root):
             entry['layers'] += 1
             entry['added'] += sum(p.numel() for _, p in layer.adapter_parameters())
@@ -142,10 +182,7 @@ def remove_adapters(module: nn.Module, merge: bool = True) -> nn.Module:
         for pname, param in layer.named_parameters(recurse=False):
             if not pname.startswith(layer.adapter_prefixes):
                 setattr(base, pname, param)
-        parent_name, _, child = name.rpartition('.')
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, child, base)
+        module.set_submodule(name, base)
     for _, sub, _ in list(injected_roots(module)):
-        sub.__dict__.pop(METHOD_ATTR, None)
-        sub.__dict__.pop(TRAINABLE_ATTR, None)
+        set_injection_state(sub, None)
     return module

@@ -31,9 +31,9 @@ LAYER_KINDS: dict[str, type[nn.Module]] = {
     'Conv3d': nn.Conv3d,
 }
 
-# attribute names stored on the module an adapter method was injected into
-METHOD_ATTR = '_flora_mm_peft_method'
-TRAINABLE_ATTR = '_flora_mm_peft_trainable'
+# the one attribute an injected module carries (see InjectionState); read it through
+# injection_state(), never by name
+_STATE_ATTR = '_flora_mm_peft'
 
 
 class PEFTConfigError(ValueError):
@@ -102,6 +102,9 @@ class AdapterLayer(nn.Module):
 
     #: prefixes of the tensors this layer adds (trainable, saved in adapter checkpoints)
     adapter_prefixes: ClassVar[tuple[str, ...]] = ()
+    #: (mode, asked rank, used rank) of every rank clamped to its mode's size (logged once
+    #: per injection); methods with ranks set it in their ``__init__``
+    clamped: list[tuple[int, int, int]] | tuple = ()
 
     def __init__(self, base: nn.Module, dropout: float = 0.0) -> None:
         super().__init__()
@@ -290,9 +293,10 @@ class PEFTMethod:
 
     def inject(self, module: nn.Module) -> list[str]:
         """Adapt ``module`` in place and freeze it per the method; returns adapted layer names."""
-        if getattr(module, METHOD_ATTR, None) is not None:
+        state = injection_state(module)
+        if state is not None:
             raise PEFTConfigError(
-                f'{type(module).__name__} already has {getattr(module, METHOD_ATTR).name} '
+                f'{type(module).__name__} already has {state.method.name} '
                 'adapters; inject one method per module')
         self.saved_module_names(module)  # fail before changing anything
         selected = self.select(module) if self.uses_targets else []
@@ -304,7 +308,7 @@ class PEFTMethod:
             clamps: list[str] = []
             for name, layer in selected:
                 adapter = self.build_layer(name, layer, clamps)
-                _set_submodule(module, name, adapter)
+                module.set_submodule(name, adapter)
                 layer_names.append(name)
             if clamps:
                 print_log(f'{self.name}: rank clamped to the mode size in {len(clamps)} layer(s) '
@@ -318,8 +322,7 @@ class PEFTMethod:
         params = dict(module.named_parameters())
         for pname in trainable:
             params[pname].requires_grad_(True)
-        module.__dict__[METHOD_ATTR] = self
-        module.__dict__[TRAINABLE_ATTR] = list(trainable)
+        set_injection_state(module, InjectionState(self, list(trainable)))
         return layer_names
 
     def saved_module_parameter_names(self, module: nn.Module) -> list[str]:
@@ -332,7 +335,7 @@ class PEFTMethod:
         cfg = self.layer_cfg(name)
         assert self.layer_cls is not None
         adapter = self.layer_cls(layer, **cfg)
-        for mode, asked, got in getattr(adapter, 'clamped', []):
+        for mode, asked, got in adapter.clamped:
             clamps.append(f'{name} mode {mode}: {asked}->{got}')
         return adapter
 
@@ -353,10 +356,27 @@ class PEFTMethod:
         return out
 
 
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition('.')
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
+@dataclass
+class InjectionState:
+    """What ``PEFTMethod.inject`` leaves on the module it adapted: the method, and the names
+    (relative to that module) of the tensors it trains."""
+
+    method: PEFTMethod
+    trainable: list[str]
+
+
+def injection_state(module: nn.Module) -> InjectionState | None:
+    """The module's :class:`InjectionState`, or None if no method was injected into it."""
+    return module.__dict__.get(_STATE_ATTR)
+
+
+def set_injection_state(module: nn.Module, state: InjectionState | None) -> None:
+    """Record (or, with None, forget) an injection; kept out of ``_modules``/``_parameters``
+    so it is neither a submodule nor saved in state dicts."""
+    if state is None:
+        module.__dict__.pop(_STATE_ATTR, None)
+    else:
+        module.__dict__[_STATE_ATTR] = state
 
 
 def check_positive_int(value: Any, what: str) -> None:

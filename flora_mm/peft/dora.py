@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..registry import PEFT_METHODS
-from .lora import LoRALayer, _LowRankMatrixMethod
+from .lora import DEFAULT_ALPHA, LoRALayer, _LowRankMatrixMethod
 
 
 def _channel_norm(weight: torch.Tensor) -> torch.Tensor:
@@ -24,7 +24,7 @@ def _channel_norm(weight: torch.Tensor) -> torch.Tensor:
 class DoRALayer(LoRALayer):
     adapter_prefixes = ('lora_A', 'lora_B', 'dora_magnitude')
 
-    def __init__(self, base: nn.Module, rank: int = 8, alpha: float | None = None,
+    def __init__(self, base: nn.Module, rank: int = 8, alpha: float | None = DEFAULT_ALPHA,
                  dropout: float = 0.0) -> None:
         super().__init__(base, rank=rank, alpha=alpha, dropout=dropout)
         self.dora_magnitude = nn.Parameter(torch.empty(self.weight.shape[0],

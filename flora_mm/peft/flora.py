@@ -8,6 +8,7 @@ merges exactly.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
@@ -24,6 +25,10 @@ def _mode_product(tensor: torch.Tensor, matrix: torch.Tensor, mode: int) -> torc
     return (moved @ matrix.transpose(0, 1)).movedim(-1, mode)  # (..., I_n) -> back in place
 
 
+#: factor initialisations: the authors' kaiming normal (a = sqrt(3)) and unit-norm columns
+FLORA_INITS = ('kaiming', 'unit')
+
+
 class FLoRALayer(AdapterLayer):
     """FLoRA adapter on a Linear or Conv{1,2,3}d layer.
 
@@ -35,7 +40,7 @@ class FLoRALayer(AdapterLayer):
 
     def __init__(self, base: nn.Module, rank: int = 16, kernel_rank: int = 2,
                  ranks: Sequence[int] | None = None, scale: float = 1.0, dropout: float = 0.0,
-                 init_std: float | None = None) -> None:
+                 init: str = 'kaiming', init_std: float | None = None) -> None:
         super().__init__(base, dropout=dropout)
         shape = tuple(self.weight.shape)
         if ranks is None:
@@ -54,20 +59,30 @@ class FLoRALayer(AdapterLayer):
         self.flora_factors = nn.ParameterList(
             nn.Parameter(torch.empty(size, r, device=dev, dtype=torch.float32))
             for size, r in zip(shape, self.ranks))
+        if init not in FLORA_INITS:
+            raise PEFTConfigError(f'init must be one of {FLORA_INITS}, got {init!r}')
+        self.init = init
         self.init_std = init_std
         self.reset_adapter()
 
     @torch.no_grad()
     def reset_adapter(self) -> None:
-        """G = 0 (so injection changes no output), factors Gaussian.
+        """G = 0 (so injection changes no output), each factor U_n (I_n x J_n) Gaussian.
 
-        Default std is 1/sqrt(I_n): each factor column then has about unit norm, so
-        ||dW||_F ~ s * ||G||_F and one ``scale`` means the same across layer sizes.
+        ``init='kaiming'`` (default) is the authors' ``nn.init.kaiming_normal_(U_n,
+        a=sqrt(3))``: std sqrt(0.5 / J_n), so the paper's ``scale`` values mean what they
+        meant there. ``init='unit'``: std 1/sqrt(I_n), every factor column has about unit
+        norm and ||dW||_F ~ s * ||G||_F whatever the layer size. ``init_std`` overrides the
+        std of every factor.
         """
         self.flora_core.zero_()
         for factor in self.flora_factors:
-            std = self.init_std if self.init_std is not None else factor.shape[0] ** -0.5
-            factor.normal_(0.0, std)
+            if self.init_std is not None:
+                factor.normal_(0.0, self.init_std)
+            elif self.init == 'unit':
+                factor.normal_(0.0, factor.shape[0] ** -0.5)
+            else:
+                nn.init.kaiming_normal_(factor, a=math.sqrt(3))
 
     def delta_weight(self) -> torch.Tensor:
         return self.scale * tucker_product(self.flora_core, list(self.flora_factors))
@@ -98,17 +113,23 @@ def tucker_product(core: torch.Tensor, factors: Sequence[torch.Tensor]) -> torch
 @dataclass
 class FLoRA(PEFTMethod):
     """``rank`` for the two channel modes (r1 = r2, as in the paper), ``kernel_rank`` for every
-    spatial mode, or ``ranks`` listing every mode explicitly; ``scale`` is the paper's s."""
+    spatial mode, or ``ranks`` listing every mode explicitly; ``scale`` is the paper's s.
+
+    ``init``: 'kaiming' (the authors' factor init, the default, for which the paper's s values
+    hold) or 'unit' (factor std 1/sqrt(I_n)); ``init_std`` sets one std for every factor.
+    """
 
     rank: int = 16
     kernel_rank: int = 2
     ranks: list | None = None
     scale: float = 1.0
     dropout: float = 0.0
+    init: str = 'kaiming'
     init_std: float | None = None
 
     layer_cls: ClassVar = FLoRALayer
-    layer_fields: ClassVar = ('rank', 'kernel_rank', 'ranks', 'scale', 'dropout', 'init_std')
+    layer_fields: ClassVar = ('rank', 'kernel_rank', 'ranks', 'scale', 'dropout', 'init',
+                              'init_std')
 
     def validate_layer_cfg(self, cfg: dict, where: str) -> None:
         super().validate_layer_cfg(cfg, where)
@@ -121,6 +142,9 @@ class FLoRA(PEFTMethod):
                 check_positive_int(r, f'{where}: each of ranks')
         if not isinstance(cfg['scale'], (int, float)):
             raise PEFTConfigError(f'{where}: scale must be a number, got {cfg["scale"]!r}')
+        if cfg['init'] not in FLORA_INITS:
+            raise PEFTConfigError(f'{where}: init must be one of {FLORA_INITS}, '
+                                  f'got {cfg["init"]!r}')
         std = cfg['init_std']
         if std is not None and (not isinstance(std, (int, float)) or std <= 0):
             raise PEFTConfigError(f'{where}: init_std must be > 0 or None, got {std!r}')

@@ -10,15 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .api import adapter_state_dict, injected_roots, load_adapter_state_dict
-from .base import AdapterLayer
+from ..utils import atomic_paths, tensor_bytes
+from .api import adapter_state_dict, injected_roots, load_adapter_state_dict, unmerged
 
 FORMAT = 'flora_mm.adapter/1'
 
@@ -52,42 +51,30 @@ def base_fingerprint(model: nn.Module) -> str:
 
     Computed on the CPU copy of each tensor; tensors in merged adapter layers are read unmerged.
     """
-    merged = [m for m in model.modules() if isinstance(m, AdapterLayer) and m.merged]
-    for layer in merged:
-        layer.unmerge()
-    try:
+    with unmerged(model):
         digest = hashlib.sha256()
         state = model.state_dict()
         for name in base_state_names(model):
-            t = state[name].detach()
+            t = state[name]
             digest.update(f'{name}|{tuple(t.shape)}|{t.dtype}'.encode())
             if t.device.type != 'meta':
-                digest.update(t.cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+                digest.update(tensor_bytes(t))
         return digest.hexdigest()
-    finally:
-        for layer in merged:
-            layer.merge()
 
 
-def _atomic_write(path: str, write) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-', suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def base_digests(model: nn.Module) -> dict[str, str]:
+    """sha256 of each frozen base tensor (meta tensors left out): shows WHICH ones changed."""
+    state = model.state_dict()
+    return {name: hashlib.sha256(tensor_bytes(state[name])).hexdigest()
+            for name in base_state_names(model) if state[name].device.type != 'meta'}
 
 
 def save_adapter_checkpoint(model: nn.Module, path: str, meta: dict[str, Any] | None = None,
                             fingerprint: str | None = None) -> tuple[str, str]:
     """Write ``path`` (.safetensors) and ``path`` with .json; returns both paths.
 
-    Both files are written to temporary names first, so a crash leaves no half-written file.
+    Both files are written to temporary names first and renamed together, so a crash leaves
+    no half-written file.
     """
     if not path.endswith('.safetensors'):
         raise ValueError(f'adapter checkpoint path must end with .safetensors: {path}')
@@ -101,8 +88,10 @@ def save_adapter_checkpoint(model: nn.Module, path: str, meta: dict[str, Any] | 
         meta=meta or {},
     )
     json_path = path[:-len('.safetensors')] + '.json'
-    _atomic_write(path, lambda p: save_file(tensors, p, metadata={'format': FORMAT}))
-    _atomic_write(json_path, lambda p: open(p, 'w').write(json.dumps(info, indent=2, default=str)))
+    with atomic_paths(path, json_path) as (tmp, tmp_json):
+        save_file(tensors, tmp, metadata={'format': FORMAT})
+        with open(tmp_json, 'w') as f:
+            f.write(json.dumps(info, indent=2, default=str))
     return path, json_path
 
 

@@ -18,15 +18,20 @@ from ..registry import PEFT_METHODS
 from .base import AdapterLayer, PEFTConfigError, PEFTMethod, check_positive_int, kaiming_uniform_
 
 
+#: peft's ``LoraConfig.lora_alpha`` default: scaling alpha / r = 8 / r
+DEFAULT_ALPHA = 8.0
+
+
 class LoRALayer(AdapterLayer):
     adapter_prefixes = ('lora_A', 'lora_B')
 
-    def __init__(self, base: nn.Module, rank: int = 8, alpha: float | None = None,
+    def __init__(self, base: nn.Module, rank: int = 8, alpha: float | None = DEFAULT_ALPHA,
                  dropout: float = 0.0) -> None:
         super().__init__(base, dropout=dropout)
         shape = self.weight.shape
         fan_in = math.prod(shape[1:])  # (in/groups) * kernel volume
         self.rank = int(rank)
+        # peft: scaling = lora_alpha / r; alpha=None keeps the older alpha = r (scaling 1)
         self.scaling = (float(alpha) if alpha is not None else float(rank)) / self.rank
         dev = self.weight.device
         self.lora_A = nn.Parameter(torch.empty(self.rank, fan_in, device=dev, dtype=torch.float32))
@@ -54,7 +59,7 @@ class LoRALayer(AdapterLayer):
 @dataclass
 class _LowRankMatrixMethod(PEFTMethod):
     rank: int = 8
-    alpha: float | None = None
+    alpha: float | None = DEFAULT_ALPHA
     dropout: float = 0.0
 
     layer_fields: ClassVar = ('rank', 'alpha', 'dropout')
@@ -70,6 +75,7 @@ class _LowRankMatrixMethod(PEFTMethod):
 @PEFT_METHODS.register_module()
 @dataclass
 class LoRA(_LowRankMatrixMethod):
-    """``rank`` r, ``alpha`` (scaling alpha / r as in peft; None means alpha = r)."""
+    """``rank`` r, ``alpha`` (scaling alpha / r; default 8 as peft's ``lora_alpha``; None means
+    alpha = r, i.e. scaling 1)."""
 
     layer_cls: ClassVar = LoRALayer

@@ -1,2 +1,1 @@
-_base_ = 'mmseg::_base_/default_runtime.py'
-custom_hooks = [dict(type='FLoRAHook', norm_interval=50)]
+_base_ = ['mmseg::_base_/default_runtime.py', '../../_base_/flora_runtime.py']

@@ -38,10 +38,12 @@ val_dataloader = dict(
     dataset=dict(data_root=data_root, pipeline=test_pipeline))
 test_dataloader = val_dataloader
 
-# -- schedule (fp32: AMP needs a GPU)
+# -- schedule (fp32: AMP needs a GPU; the recipe's lr decay)
 max_iters = 120
 train_cfg = dict(max_iters=max_iters, val_interval=max_iters)
 optim_wrapper = dict(_delete_=True, type='OptimWrapper',
+                     constructor='LayerDecayOptimWrapperConstructor',
+                     paramwise_cfg=dict(decay_rate=0.9, decay_type='stage_wise', num_layers=12),
                      optimizer=dict(type='AdamW', lr=2e-3, betas=(0.9, 0.999), weight_decay=0.05))
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=10),
@@ -49,4 +51,3 @@ param_scheduler = [
 ]
 default_hooks = dict(logger=dict(interval=20),
                      checkpoint=dict(by_epoch=False, interval=max_iters))
-custom_hooks = [dict(type='FLoRAHook', norm_interval=20)]

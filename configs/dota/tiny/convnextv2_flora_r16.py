@@ -47,7 +47,7 @@ val_dataloader = dict(
                  pipeline=val_pipeline))
 test_dataloader = val_dataloader
 
-# -- schedule (fp32: AMP needs a GPU)
+# -- schedule (fp32: AMP needs a GPU; the recipe's lr decay)
 max_epochs = 12
 train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
 param_scheduler = [
@@ -56,8 +56,9 @@ param_scheduler = [
          gamma=0.1),
 ]
 optim_wrapper = dict(_delete_=True, type='OptimWrapper',
+                     constructor='LayerDecayOptimWrapperConstructor',
+                     paramwise_cfg=dict(decay_rate=0.95, decay_type='layer_wise', num_layers=12),
                      optimizer=dict(type='AdamW', lr=2e-3, betas=(0.9, 0.999), weight_decay=0.05),
                      clip_grad=dict(max_norm=35, norm_type=2))
 default_hooks = dict(logger=dict(interval=6), checkpoint=dict(interval=max_epochs))
 log_processor = dict(window_size=6)
-custom_hooks = [dict(type='FLoRAHook', norm_interval=6)]

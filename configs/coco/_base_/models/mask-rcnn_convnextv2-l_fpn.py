@@ -1,22 +1,13 @@
 # Mask R-CNN + FPN (mmdet's own base model) with ConvNeXt-V2-L behind PEFTBackbone.
-# The PEFT method lives in model.backbone.peft only: leaf configs change nothing else.
-_base_ = 'mmdet::_base_/models/mask-rcnn_r50_fpn.py'
+# The PEFT method lives in model.backbone.peft only.
+_base_ = [
+    'mmdet::_base_/models/mask-rcnn_r50_fpn.py',
+    '../../../_base_/models/convnextv2-l_peft.py',
+]
 custom_imports = dict(imports=['flora_mm'], allow_failed_imports=False)
-
-# Official ConvNeXt-V2-L ImageNet-22k->1k fine-tuned weights (FCMAE release, official or timm
-# key layout; see README "Pretrained checkpoints").
-pretrained = 'checkpoints/convnextv2_large_22k_224_ema.pt'
 model = dict(
-    backbone=dict(
-        _delete_=True,
-        type='PEFTBackbone',
-        backbone=dict(
-            type='ConvNeXtV2',
-            arch='large',
-            out_indices=(0, 1, 2, 3),
-            drop_path_rate=0.4,
-            init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
-        # the output norms are not in the pretrained checkpoint: they train under every method
-        modules_to_save=[r'^norm\d$'],
-        peft=dict(type='Frozen')),
+    backbone={{_base_.convnextv2_l_peft}},
     neck=dict(in_channels=[192, 384, 768, 1536]))
+# used once above: not kept as a setting of its own (so the final config names the
+# backbone once, and a merged/exported config holds no PEFTBackbone)
+convnextv2_l_peft = None

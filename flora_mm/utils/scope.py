@@ -1,4 +1,4 @@
-"""Helpers shared by the tools, the tests and user scripts."""
+"""Registering a task package (mmdet, mmseg, mmrotate) for a config's ``default_scope``."""
 from __future__ import annotations
 
 SCOPES = ('mmdet', 'mmseg', 'mmrotate')

@@ -1,0 +1,1 @@
+_base_ = ['mmrotate::_base_/default_runtime.py', '../../_base_/flora_runtime.py']

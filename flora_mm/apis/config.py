@@ -1,0 +1,166 @@
+"""Reading a config the way the tools do, and fitting a distributed run to a CPU-only machine.
+
+One pair of tools serves mmdet, mmseg and mmrotate configs: the config's ``default_scope``
+picks the package whose modules get registered and whose conventions apply. When CUDA is
+unavailable, distributed runs use gloo on the CPU (``env_cfg.dist_cfg.backend`` nccl -> gloo,
+SyncBN -> BN, DDP without device ids).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import logging
+import os
+import os.path as osp
+from typing import Any, Optional, Sequence
+
+import torch
+from mmengine.config import Config, ConfigDict, DictAction
+from mmengine.logging import print_log
+
+from ..utils import SCOPES, register_task_modules
+
+LAUNCHERS = ('none', 'pytorch', 'slurm', 'mpi')
+CFG_OPTIONS_HELP = (
+    'override some settings in the used config, the key-value pair in xxx=yyy format will be '
+    'merged into config file. If the value to be overwritten is a list, it should be like '
+    'key="[a,b]" or key=a,b It also allows nested list/tuple values, e.g. '
+    'key="[(a,b),(c,d)]" Note that the quotation marks are necessary and that no white space '
+    'is allowed.')
+
+
+# --------------------------------------------------------------------------- arguments
+def add_runner_args(parser: argparse.ArgumentParser) -> None:
+    """--cfg-options, --launcher and --local-rank/--local_rank, as in the packages' tools."""
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, help=CFG_OPTIONS_HELP)
+    parser.add_argument('--launcher', choices=LAUNCHERS, default='none', help='job launcher')
+    # torch.distributed.launch passes --local-rank (torch >= 2.0) or --local_rank (older);
+    # torchrun passes neither and sets LOCAL_RANK instead.
+    parser.add_argument('--local-rank', '--local_rank', dest='local_rank', type=int, default=0)
+
+
+def parse_with_local_rank(parser: argparse.ArgumentParser,
+                          argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse; export LOCAL_RANK from --local-rank unless the launcher already set the env."""
+    args = parser.parse_args(argv)
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+# --------------------------------------------------------------------------- config
+def get_scope(cfg: Config) -> str:
+    """The config's ``default_scope``, which must name mmdet, mmseg or mmrotate."""
+    scope = cfg.get('default_scope', None)
+    if scope not in SCOPES:
+        raise ValueError(f'config default_scope must be one of {SCOPES}, got {scope!r}')
+    return scope
+
+
+def load_config(config: str | Config, cfg_options: Optional[dict] = None) -> Config:
+    """Config.fromfile (or a copy of a loaded Config) + --cfg-options, its package registered.
+
+    Sets nothing the user did not ask for (no launcher, no work_dir): merge_adapters writes the
+    config back. ``custom_imports`` given in ``cfg_options`` are imported too (mmengine itself
+    imports them only while reading a file).
+    """
+    if isinstance(config, Config):
+        cfg = copy.deepcopy(config)
+    elif not osp.isfile(config):
+        raise FileNotFoundError(f'config file not found: {config}')
+    else:
+        cfg = Config.fromfile(config)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+        if 'custom_imports' in cfg_options:
+            from mmengine.utils import import_modules_from_strings
+            import_modules_from_strings(**cfg.custom_imports)
+    register_task_modules(get_scope(cfg))
+    return cfg
+
+
+def default_work_dir(config_path: str) -> str:
+    return osp.join('./work_dirs', osp.splitext(osp.basename(config_path))[0])
+
+
+def load_runner_config(config: str, cfg_options: Optional[dict] = None,
+                       launcher: str = 'none', work_dir: Optional[str] = None) -> Config:
+    """``load_config`` + launcher + work_dir (CLI > config > config file name) + mmdet's
+    dynamo cache limit, as the packages' train/test tools set them up."""
+    cfg = load_config(config, cfg_options)
+    cfg.launcher = launcher
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = default_work_dir(config)
+    if get_scope(cfg) in ('mmdet', 'mmrotate'):
+        from mmdet.utils import setup_cache_size_limit_of_dynamo
+        setup_cache_size_limit_of_dynamo()
+    return cfg
+
+
+# --------------------------------------------------------------------------- CPU distributed
+def replace_sync_bn(node: Any) -> int:
+    """Turn every ``type='SyncBN'``/``'MMSyncBN'`` into ``'BN'`` in place; returns the count.
+
+    SyncBatchNorm needs CUDA in distributed mode and a process group at all."""
+    count = 0
+    if isinstance(node, dict):
+        if node.get('type') in ('SyncBN', 'MMSyncBN'):
+            node['type'] = 'BN'
+            count += 1
+        for value in node.values():
+            count += replace_sync_bn(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            count += replace_sync_bn(value)
+    return count
+
+
+def adapt_to_cpu_distributed(cfg: Config) -> bool:
+    """Make a distributed run work without CUDA; returns whether anything changed.
+
+    - ``env_cfg.dist_cfg.backend``: nccl needs CUDA, gloo runs on the CPU;
+    - SyncBatchNorm refuses CPU tensors in distributed mode: use BN;
+    - mmengine wraps the model in DDP with ``device_ids=[LOCAL_RANK]``, which DDP rejects for
+      a CPU module: give an explicit ``device_ids=None``.
+    """
+    if cfg.get('launcher', 'none') == 'none' or torch.cuda.is_available():
+        return False
+    env_cfg = cfg.setdefault('env_cfg', ConfigDict())
+    dist_cfg = env_cfg.setdefault('dist_cfg', ConfigDict())
+    if dist_cfg.get('backend', 'nccl') == 'nccl':
+        dist_cfg['backend'] = 'gloo'
+        print_log('CUDA is not available: distributed backend nccl -> gloo', logger='current',
+                  level=logging.WARNING)
+    if replace_sync_bn(cfg.get('model', {})):
+        print_log('CUDA is not available: SyncBN -> BN', logger='current',
+                  level=logging.WARNING)
+    wrapper = cfg.get('model_wrapper_cfg', None)
+    if wrapper is None:
+        cfg.model_wrapper_cfg = ConfigDict(
+            type='MMDistributedDataParallel', device_ids=None, broadcast_buffers=False,
+            find_unused_parameters=cfg.get('find_unused_parameters', False))
+    elif wrapper.get('type', 'MMDistributedDataParallel') in (
+            'MMDistributedDataParallel', 'DistributedDataParallel'):
+        wrapper.setdefault('device_ids', None)
+    return True
+
+
+def init_cpu_process_group(cfg: Config) -> None:
+    """Initialise gloo for the pytorch launcher without CUDA, before the runner does.
+
+    mmengine's ``init_dist`` calls ``torch.cuda.set_device(LOCAL_RANK)`` first, which fails
+    without a GPU; the runner skips ``init_dist`` when a process group already exists.
+    """
+    import torch.distributed as dist
+    if (cfg.get('launcher', 'none') != 'pytorch' or torch.cuda.is_available()
+            or not dist.is_available() or dist.is_initialized()):
+        return
+    dist_cfg = dict(cfg.get('env_cfg', {}).get('dist_cfg', {}))
+    backend = dist_cfg.pop('backend', 'gloo')
+    timeout = dist_cfg.pop('timeout', None)
+    if timeout is not None:
+        dist_cfg['timeout'] = datetime.timedelta(seconds=timeout)
+    dist.init_process_group(backend=backend, **dist_cfg)

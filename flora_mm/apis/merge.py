@@ -1,0 +1,328 @@
+"""Merge trained adapters into the base weights; write a checkpoint vanilla OpenMMLab loads.
+
+The checkpoint is either a full one written by tools/train.py or an adapter-only one written
+by FLoRAHook (``*_adapter.safetensors`` + ``.json``; its frozen base weights then come from the
+config's pretrained ``init_cfg`` and must match the sidecar's fingerprint). The output holds
+``{'state_dict', 'meta'}`` with the adapters merged (W0 + s*dW) and no adapter tensors, only
+tensors and plain Python values (torch.load(weights_only=True) reads it), and beside it the
+config to load it with: PEFTBackbone replaced by the plain backbone, no FLoRAHook.
+
+ConvNeXtV2 becomes mmpretrain's ``ConvNeXt`` (keys converted, see
+``flora_mm.models.convnextv2.timm_to_mmpretrain``) unless ``plain_keys``; InternViT and
+hook-adapted backbones keep their type. Unless ``check=False``, the written backbone is run on
+a random image and compared with the adapted one.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os.path as osp
+from collections import OrderedDict
+from typing import Any, Optional
+
+import mmengine
+import torch
+from mmengine.config import Config
+from mmengine.logging import print_log
+from mmengine.runner.checkpoint import CheckpointLoader
+from torch import nn
+
+from ..models.convnextv2 import ConvNeXtV2, mmpretrain_convnext_cfg, timm_to_mmpretrain
+from ..peft import adapter_layers, injected_roots, remove_adapters
+from ..peft.io import load_adapter_checkpoint, read_adapter_info
+from ..utils import atomic_paths, short_list
+from .config import load_config
+from .model import build_model, is_flora_hook, peft_backbone_cfg
+
+MMPRETRAIN_HINT = ('install mmpretrain (pip install mmpretrain==1.2.0) or pass --plain-keys to '
+                   "keep flora_mm's ConvNeXtV2 type")
+
+
+class MergeError(RuntimeError):
+    """A user-facing error: bad input files or a checkpoint that does not fit the config."""
+
+
+# ------------------------------------------------------------------------ loading
+def is_adapter_checkpoint(path: str, adapter_flag: bool) -> bool:
+    if adapter_flag and not path.endswith('.safetensors'):
+        raise MergeError(f'--adapter: {path} is not an adapter-only checkpoint '
+                         '(*_adapter.safetensors + .json, written by FLoRAHook)')
+    return path.endswith('.safetensors')
+
+
+def load_full_checkpoint(model: nn.Module, path: str, config: str) -> dict:
+    """Load a tools/train.py checkpoint strictly; returns its ``meta``."""
+    try:
+        ckpt = CheckpointLoader.load_checkpoint(path, map_location='cpu')
+    except Exception as err:  # noqa: BLE001  (any unreadable file)
+        raise MergeError(f'cannot read checkpoint {path}: {err}') from err
+    state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise MergeError(f'{path} holds no state dict')
+    state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f'{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}'
+                  for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        raise MergeError(
+            f'{path} does not fit {config}: {len(missing)} missing keys [{short_list(missing)}]'
+            f', {len(unexpected)} unexpected keys [{short_list(unexpected)}], {len(mismatched)} '
+            f'shape mismatches (file vs model) [{short_list(mismatched)}]. Was it trained with '
+            'this config (same PEFT method, rank, model size)?')
+    model.load_state_dict(state, strict=True)
+    meta = ckpt.get('meta', {}) if isinstance(ckpt, dict) else {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def load_adapter_only(model: nn.Module, path: str, config: str) -> dict:
+    """Load FLoRAHook's adapter file into a model whose base weights came from init_cfg."""
+    info = read_adapter_info(path)
+    try:
+        load_adapter_checkpoint(model, path, strict=True)
+    except (KeyError, ValueError) as err:
+        raise MergeError(f'{path} does not fit {config}: {err}') from err
+    return info
+
+
+def _is_flora_mm(module: Any) -> bool:
+    return type(module).__module__.split('.')[0] == 'flora_mm'
+
+
+# ------------------------------------------------------------------------ verification
+def _probe(backbone: nn.Module) -> torch.Tensor:
+    """A small random image the backbone accepts (ViTs: 4x4 patches so the FPN can pool)."""
+    patch = getattr(getattr(backbone, 'patch_embed', None), 'patch_size', None)
+    size = 4 * int(patch[0] if isinstance(patch, (tuple, list)) else patch) if patch else 64
+    return torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def _features(backbone: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    backbone.eval()
+    out = backbone(x)
+    return [t.float() for t in (out if isinstance(out, (tuple, list)) else [out])]
+
+
+def verify(ref: list[torch.Tensor], got: list[torch.Tensor], fp32: bool) -> float:
+    """Fail if an fp32 backbone's outputs moved more than 1e-3 (relative); for bf16/fp16 a
+    merge rounds W0 + dW once more, so only warn above 5e-2."""
+    if len(ref) != len(got) or any(a.shape != b.shape for a, b in zip(ref, got)):
+        raise MergeError(f'the written backbone returns {[tuple(t.shape) for t in got]}, the '
+                         f'adapted one {[tuple(t.shape) for t in ref]}')
+    err = max(float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
+              for a, b in zip(ref, got))
+    if fp32 and err > 1e-3:
+        raise MergeError(f'verification failed: the written backbone differs from the adapted '
+                         f'one by {err:.2e} (relative max abs)')
+    if err > 5e-2:
+        print_log(f'merged backbone differs from the adapted one by {err:.2e} (low precision)',
+                  logger='current', level=logging.WARNING)
+    return err
+
+
+def build_mmpretrain_backbone(backbone_cfg: dict, state: dict[str, torch.Tensor]) -> nn.Module:
+    """mmpretrain's ConvNeXt as the written config builds it, loaded strictly with ``state``."""
+    try:
+        from mmpretrain.models import ConvNeXt
+    except ImportError as err:
+        raise MergeError(f'cannot import mmpretrain ({err}): {MMPRETRAIN_HINT}') from err
+    model = ConvNeXt(**{k: v for k, v in backbone_cfg.items() if k != 'type'})
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise MergeError(f'converted keys do not fit mmpretrain ConvNeXt: {err}') from err
+    return model
+
+
+# ------------------------------------------------------------------------ output
+def _plain(value: Any) -> Any:
+    """Meta values as built-in types only (ConfigDict etc. would need weights_only=False)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_plain(v) for v in value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def dataset_meta(cfg: Config) -> Optional[dict]:
+    """The test dataset's METAINFO (plus the config's ``metainfo``), as mmengine stores it in
+    checkpoints (the adapter-only file has none); None if it cannot be found."""
+    from mmengine.registry import DATASETS
+    try:
+        ds = cfg.get('test_dataloader', cfg.get('val_dataloader'))['dataset']
+        while 'dataset' in ds and 'type' in ds and ds.get('metainfo') is None:
+            if ds['type'].split('.')[-1] in ('RepeatDataset', 'ClassBalancedDataset',
+                                             'ConcatDataset', 'MultiImageMixDataset'):
+                ds = ds['dataset']
+            else:
+                break
+        with DATASETS.switch_scope_and_registry(cfg.get('default_scope')) as registry:
+            cls = registry.get(ds['type'])
+        meta = copy.deepcopy(dict(getattr(cls, 'METAINFO', {})))
+        meta.update(ds.get('metainfo') or {})
+        return meta or None
+    except Exception:  # noqa: BLE001  (best effort: meta is optional)
+        return None
+
+
+def merged_config(cfg: Config, backbone_cfg: Optional[dict], needs_flora_mm: bool,
+                  needs_mmpretrain: bool) -> Config:
+    """The config for the merged checkpoint: plain backbone, no FLoRAHook, matching imports."""
+    d = cfg.to_dict()
+    if backbone_cfg is not None:
+        d['model']['backbone'] = backbone_cfg
+    if 'custom_hooks' in d:
+        d['custom_hooks'] = [h for h in d['custom_hooks'] or [] if not is_flora_hook(h)]
+    custom = d.get('custom_imports') or dict(imports=[], allow_failed_imports=False)
+    imports = custom.get('imports', [])
+    imports = [imports] if isinstance(imports, str) else list(imports)
+    imports = [i for i in imports if i != 'flora_mm' and not i.startswith('flora_mm.')]
+    if needs_flora_mm:
+        imports.insert(0, 'flora_mm')
+    if needs_mmpretrain and 'mmpretrain.models' not in imports:
+        imports.append('mmpretrain.models')
+    if imports:
+        d['custom_imports'] = dict(custom, imports=imports)
+    else:
+        d.pop('custom_imports', None)
+    return Config(d)
+
+
+def out_config_path(out: str) -> str:
+    return osp.splitext(out)[0] + '.py'
+
+
+# ------------------------------------------------------------------------ the steps
+def _load(cfg: Config, config: str, checkpoint: str, adapter: bool) -> tuple[nn.Module, dict]:
+    """The adapted model with the trained weights, and the source's meta."""
+    try:
+        model = build_model(cfg, load_pretrained=adapter)
+    except FileNotFoundError as err:
+        raise MergeError(f'{err} (an adapter-only checkpoint takes its base weights from the '
+                         "config's pretrained init_cfg)") from err
+    if not list(injected_roots(model)):
+        raise MergeError(f'{config} injects no PEFT method (no PEFTBackbone and no '
+                         'FLoRAHook(peft=...)): nothing to merge')
+    if adapter:
+        return model, load_adapter_only(model, checkpoint, config).get('meta', {})
+    return model, load_full_checkpoint(model, checkpoint, config)
+
+
+def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _plain_backbone(model: nn.Module, cfg: Config, plain_keys: bool
+                    ) -> tuple[dict[str, torch.Tensor], Optional[dict], bool]:
+    """State dict and backbone config to write for a merged model, and whether the backbone
+    became mmpretrain's ConvNeXt. A None config keeps the config's ``model.backbone``."""
+    state = OrderedDict((k, v.detach().cpu().contiguous()) for k, v in model.state_dict().items())
+    backbone = getattr(model, 'backbone', None)
+    peft_cfg = peft_backbone_cfg(cfg)
+    inner_cfg = copy.deepcopy(peft_cfg['backbone'] if peft_cfg is not None
+                              else cfg.model.get('backbone', {}))
+    inner_cfg = inner_cfg.to_dict() if hasattr(inner_cfg, 'to_dict') else dict(inner_cfg)
+    if isinstance(backbone, ConvNeXtV2) and not plain_keys:
+        try:
+            spec = mmpretrain_convnext_cfg(backbone, inner_cfg.get('drop_path_rate', 0.0))
+            converted = timm_to_mmpretrain(_sub_state(state, 'backbone.'))
+        except ValueError as err:
+            raise MergeError(f'{err}; pass --plain-keys') from err
+        state = OrderedDict([(k, v) for k, v in state.items() if not k.startswith('backbone.')]
+                            + [('backbone.' + k, v) for k, v in converted.items()])
+        return state, spec, True
+    if peft_cfg is not None:
+        inner_cfg.pop('init_cfg', None)  # the merged checkpoint holds every weight
+        return state, inner_cfg, False
+    return state, None, False
+
+
+def _meta(src_meta: dict, cfg: Config, checkpoint: str, adapter: bool, methods: dict,
+          layers: int, backbone: str) -> dict:
+    """Checkpoint meta in built-in types only; dataset_meta as mmengine stores it."""
+    meta = dict(
+        flora_mm=dict(
+            note='adapters merged into the base weights by tools/merge_adapters.py; no '
+                 'adapter tensors remain',
+            source=osp.abspath(checkpoint), source_kind='adapter' if adapter else 'full',
+            methods={name: method.to_dict() for name, method in methods.items()},
+            merged_layers=layers, backbone=backbone),
+        mmengine_version=mmengine.__version__)
+    for key in ('epoch', 'iter', 'experiment_name', 'seed'):
+        if key in src_meta:
+            meta[key] = src_meta[key]
+    ds_meta = src_meta.get('dataset_meta') or dataset_meta(cfg)
+    if ds_meta:
+        meta['dataset_meta'] = ds_meta
+    return _plain(meta)
+
+
+def merge(config: str, checkpoint: str, out: str, adapter: bool = False,
+          plain_keys: bool = False, force: bool = False, check: bool = True,
+          cfg_options: Optional[dict] = None) -> dict:
+    """Merge ``checkpoint`` (full or adapter-only) per ``config`` and write ``out`` + its config.
+
+    Returns a summary: written paths, backbone type, merged layers, verification error.
+    Raises MergeError for bad input; nothing is written then.
+    """
+    out_cfg = out_config_path(out)
+    if out.endswith('.py'):
+        raise MergeError(f'OUT must be the checkpoint path (e.g. merged.pth), got {out}')
+    if not osp.isfile(checkpoint):
+        raise MergeError(f'checkpoint not found: {checkpoint}')
+    for path in (out, out_cfg):
+        if osp.exists(path) and not force:
+            raise MergeError(f'{path} exists (pass --force to overwrite)')
+    adapter = is_adapter_checkpoint(checkpoint, adapter)
+    try:
+        if adapter:  # the sidecar must exist before anything is built
+            read_adapter_info(checkpoint)
+        cfg = load_config(config, cfg_options)
+    except (FileNotFoundError, ValueError) as err:
+        raise MergeError(str(err)) from err
+
+    model, src_meta = _load(cfg, config, checkpoint, adapter)
+    methods = {name: method for name, _, method in injected_roots(model)}
+    backbone = getattr(model, 'backbone', None)
+    probe = ref = None
+    if check and isinstance(backbone, nn.Module):
+        probe = _probe(backbone)
+        ref = _features(backbone, probe)
+    layers = len(list(adapter_layers(model)))
+    remove_adapters(model, merge=True)
+
+    state, backbone_cfg, to_mmpretrain = _plain_backbone(model, cfg, plain_keys)
+    # flora_mm stays imported only for modules vanilla OpenMMLab lacks (InternViT, --plain-keys)
+    needs_flora_mm = any(_is_flora_mm(m) for name, m in model.named_modules()
+                         if not (to_mmpretrain and (name + '.').startswith('backbone.')))
+    err = None
+    if ref is not None:
+        fp32 = all(p.dtype == torch.float32 for p in backbone.parameters())
+        written = backbone
+        if to_mmpretrain:
+            written = build_mmpretrain_backbone(backbone_cfg, _sub_state(state, 'backbone.'))
+        err = verify(ref, _features(written, probe), fp32)
+        del written
+
+    backbone_type = (backbone_cfg or {}).get('type', type(backbone).__name__)
+    ckpt = {'meta': _meta(src_meta, cfg, checkpoint, adapter, methods, layers, backbone_type),
+            'state_dict': state}
+    out_config = merged_config(cfg, backbone_cfg, needs_flora_mm, to_mmpretrain)
+    with atomic_paths(out, out_cfg) as (tmp_ckpt, tmp_cfg):
+        torch.save(ckpt, tmp_ckpt)
+        out_config.dump(tmp_cfg)
+    return dict(checkpoint=out, config=out_cfg, backbone=backbone_type, merged_layers=layers,
+                methods=sorted({m.name for m in methods.values()}), verify_error=err)
+
+
+def format_summary(summary: dict) -> str:
+    """What tools/merge_adapters.py prints after a merge."""
+    err = summary['verify_error']
+    return (f'merged {summary["merged_layers"]} adapted layers '
+            f'({", ".join(summary["methods"])}); backbone: {summary["backbone"]}'
+            + (f'; verified, max relative difference {err:.2e}' if err is not None else '')
+            + f'\nwrote {summary["checkpoint"]}\n      {summary["config"]}')
