@@ -15,7 +15,9 @@ import copy
 import functools
 import glob
 import os.path as osp
+import json
 import re
+import sys
 
 import pytest
 from mmengine.config import Config
@@ -222,6 +224,21 @@ def test_budget_configs_land_on_their_budget(config):
     assert counted['method_params'] == count and counted['backbone_params'] == params
     target = budget.target(params)
     assert abs(count - target) / target <= PAPER_TOLERANCE[budget.text]
-    if peft.type != 'FLoRA':
-        assert peft.alpha == peft.rank
+    recipe = Config.fromfile(config.replace(size.group(0), '_r16'))  # the config it inherits
+    assert {k: v for k, v in peft.items() if k not in ('rank', 'kernel_rank')} == \
+        {k: v for k, v in recipe.model.backbone.peft.items() if k not in ('rank', 'kernel_rank')}
     assert abs(count - target) == best_by_formula(layers, peft.type, target)
+
+
+def test_count_params_budget_cli(capsys):
+    """tools/count_params.py CONFIG --budget: every rank method's solution, as JSON."""
+    sys.path.insert(0, osp.join(ROOT, 'tools'))
+    import count_params
+    count_params.main([TINY_COCO, '--budget', '20K', '--json'])
+    out = json.loads(capsys.readouterr().out)
+    layers, params = convnext_layers('atto')
+    assert [s['method'] for s in out] == ['LoRA', 'DoRA', 'FLoRA']
+    for s in out:
+        assert s['backbone_params'] == params and s['target'] == 20000
+        assert s['count'] == closed_form(layers, s['method'], s['rank'], s['kernel_rank'] or 2)
+        assert abs(s['count'] - 20000) == best_by_formula(layers, s['method'], 20000)

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..peft import build_peft_method, count_parameters, injected_roots, remove_adapters
 from ..registry import MODELS, PEFT_METHODS
-from ..utils import register_task_modules
+from .config import get_scope, load_config
 
 #: methods whose size follows a rank, and the rank fields the solver sets
 RANK_METHODS = ('LoRA', 'DoRA', 'FLoRA')
@@ -109,18 +109,15 @@ def _quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _load(config: str | Config) -> Config:
-    cfg = Config.fromfile(config) if isinstance(config, str) else copy.deepcopy(config)
+def _load(config: str | Config, cfg_options: Optional[dict] = None) -> Config:
+    cfg = load_config(config, cfg_options)
     backbone = cfg.get('model', {}).get('backbone', None)
     if not isinstance(backbone, dict) or backbone.get('type') != 'PEFTBackbone':
         raise BudgetError(
             f'{getattr(cfg, "filename", None) or "config"}: model.backbone must be a '
             "PEFTBackbone (dict(type='PEFTBackbone', backbone=..., peft=...)) to count or solve "
             'budgets')
-    scope = cfg.get('default_scope', None)
-    if scope is not None:
-        register_task_modules(scope)
-        init_default_scope(scope)
+    init_default_scope(get_scope(cfg))
     return cfg
 
 
@@ -311,7 +308,8 @@ class _MetaBackbone:
 def solve_rank(config: str | Config, budget: str | float | Budget,
                method: Optional[str] = None,
                kernel_ranks: Optional[Sequence[int]] = None,
-               max_rank: int = DEFAULT_MAX_RANK) -> Solution:
+               max_rank: int = DEFAULT_MAX_RANK,
+               cfg_options: Optional[dict] = None) -> Solution:
     """The rank for ``method`` (default: the config's own) whose ``method_params`` on the
     config's backbone is closest to ``budget``.
 
@@ -320,7 +318,7 @@ def solve_rank(config: str | Config, budget: str | float | Budget,
     smaller). Every count comes from the real adapted backbone on the meta device, and the
     answer is re-counted through ``PEFTBackbone`` itself, as training builds it.
     """
-    cfg = _load(config)
+    cfg = _load(config, cfg_options)
     budget = parse_budget(budget)
     base = to_plain(cfg.model.backbone.peft)
     method = method or PEFT_METHODS.get(base['type']).__name__
@@ -376,9 +374,11 @@ def solve_rank(config: str | Config, budget: str | float | Budget,
 
 
 def solve_all(config: str | Config, budget: str | float | Budget,
-              methods: Sequence[str] = RANK_METHODS, **kwargs) -> list[Solution]:
-    """``solve_rank`` for every method in ``methods``."""
-    return [solve_rank(config, budget, method=m, **kwargs) for m in methods]
+              methods: Sequence[str] = RANK_METHODS, cfg_options: Optional[dict] = None,
+              **kwargs) -> list[Solution]:
+    """``solve_rank`` for every method in ``methods`` (the config is read once)."""
+    cfg = _load(config, cfg_options)
+    return [solve_rank(cfg, budget, method=m, **kwargs) for m in methods]
 
 
 def format_solutions(solutions: Sequence[Solution]) -> str:

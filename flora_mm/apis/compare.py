@@ -41,6 +41,7 @@ from mmengine.config import Config
 
 from ..registry import PEFT_METHODS
 from . import budget as B
+from .count import count_params
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOOLS = osp.join(ROOT, 'tools')
@@ -346,21 +347,10 @@ def read_test_metrics(work_dir: str) -> dict:
 
 def count_run(config: str) -> dict:
     """Meta-device counts of a run's config: the backbone's (``budget.count_backbone``) and the
-    whole model's trainable / total parameters (what tools/count_params.py reports)."""
+    whole model's trainable / total parameters (``count_params``, tools/count_params.py)."""
     counts = B.count_backbone(config)
-    model = _count_model(config)
+    model = count_params(config)
     return dict(counts, model_trainable=model['trainable'], model_total=model['total'])
-
-
-def _count_model(config: str) -> dict:
-    import importlib.util  # noqa: PLC0415
-    if TOOLS not in sys.path:
-        sys.path.insert(0, TOOLS)
-    spec = importlib.util.spec_from_file_location('_flora_mm_count_params',
-                                                  osp.join(TOOLS, 'count_params.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.count_params(config)
 
 
 def execute(spec: RunSpec, out_dir: str, opts: RunOptions,
