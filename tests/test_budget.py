@@ -14,8 +14,8 @@ from __future__ import annotations
 import copy
 import functools
 import glob
-import os.path as osp
 import json
+import os.path as osp
 import re
 import sys
 
@@ -205,15 +205,15 @@ def test_budget_configs_exist():
             assert f'configs/ade20k/internvit6b_{method}_{share}.py' in names
 
 
-@pytest.mark.parametrize('config', BUDGET_CONFIGS, ids=lambda p: osp.relpath(p, ROOT))
-def test_budget_configs_land_on_their_budget(config):
+@pytest.mark.parametrize('path', BUDGET_CONFIGS, ids=lambda p: osp.relpath(p, ROOT))
+def test_budget_configs_land_on_their_budget(path):
     """Each leaf config's count is within tolerance of the budget in its name, and no other
     rank would be closer (so the names do not lie)."""
-    name = osp.basename(config)[:-3]
+    name = osp.basename(path)[:-3]
     size = re.search(r'_([0-9.]+)(m|pct)$', name)
     budget = B.parse_budget(size.group(1) + ('M' if size.group(2) == 'm' else '%'))
     assert budget.text in PAPER_TOLERANCE
-    cfg = Config.fromfile(config)
+    cfg = config(path)
     peft = cfg.model.backbone.peft
     if cfg.model.backbone.backbone.type == 'ConvNeXtV2':
         layers, params = convnext_layers(cfg.model.backbone.backbone.arch)
@@ -224,7 +224,7 @@ def test_budget_configs_land_on_their_budget(config):
     assert counted['method_params'] == count and counted['backbone_params'] == params
     target = budget.target(params)
     assert abs(count - target) / target <= PAPER_TOLERANCE[budget.text]
-    recipe = Config.fromfile(config.replace(size.group(0), '_r16'))  # the config it inherits
+    recipe = config(path.replace(size.group(0), '_r16'))  # the config it inherits
     assert {k: v for k, v in peft.items() if k not in ('rank', 'kernel_rank')} == \
         {k: v for k, v in recipe.model.backbone.peft.items() if k not in ('rank', 'kernel_rank')}
     assert abs(count - target) == best_by_formula(layers, peft.type, target)
