@@ -47,5 +47,5 @@ compare: env
 	$(PY) tools/compare.py configs/coco/tiny/convnextv2_flora_r16.py \
 		configs/ade20k/tiny/convnextv2_flora_r16.py configs/dota/tiny/convnextv2_flora_r16.py \
 		--methods Frozen Full BitFit LoRA DoRA FLoRA --budgets 2% \
-		--max-epochs 6 --max-iters 12 --no-train-val --jobs 2 \
+		--max-epochs 6 --max-iters 12 --no-train-val --jobs 2 --dota-iou-thrs 0.5 0.75 \
 		--cwd $(COMPARE_DIR) --out $(COMPARE_DIR)

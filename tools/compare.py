@@ -20,7 +20,8 @@ from typing import Optional, Sequence
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout
 
 import flora_mm  # noqa: E402,F401  (compat shims before any OpenMMLab import)
-from flora_mm.apis.compare import CompareError, RunOptions, compare  # noqa: E402
+from flora_mm.apis.compare import (DOTA_IOU_THRS, CompareError, RunOptions,  # noqa: E402
+                                   compare)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -47,6 +48,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--train-options', nargs='+', default=[], metavar='KEY=VALUE',
                         help='--cfg-options passed to every training run')
     parser.add_argument('--port', type=int, default=29500, help='torchrun port with --gpus > 1')
+    parser.add_argument('--dota-iou-thrs', nargs='+', type=float, default=DOTA_IOU_THRS,
+                        help='IoU thresholds DOTA runs are tested at (default: 0.5:0.95, the '
+                        "paper's mAP; e.g. 0.5 0.75 for AP50/AP75 only, much faster on CPU)")
     parser.add_argument('--cwd', help='folder the runs start in: relative paths in the configs '
                         '(data roots, checkpoints) resolve against it (default: this folder)')
     args = parser.parse_args(argv)
@@ -62,7 +66,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          jobs=args.jobs, port=args.port, cwd=args.cwd)
     try:
         out = compare(args.configs, args.out, methods=args.methods, budgets=args.budgets,
-                      kernel_ranks=args.kernel_ranks, options=options)
+                      kernel_ranks=args.kernel_ranks, options=options,
+                      dota_iou_thrs=args.dota_iou_thrs)
     except CompareError as err:
         print(f'compare: {err}', file=sys.stderr)
         return 1
