@@ -600,7 +600,14 @@ def plot(table: dict, path: str) -> dict:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     tasks = table['tasks']
-    panels = [(t, (t, v['primary_header'])) for t, v in tasks.items()]
+    def shown(task: str, info: dict) -> str:
+        # the task's main metric, or its first scored column (e.g. DOTA AP50 without mAP)
+        scored = [c['header'] for c in info['columns']
+                  if any((task, c['header']) in r['metrics'] for r in table['rows'])]
+        return info['primary_header'] if info['primary_header'] in scored or not scored \
+            else scored[0]
+
+    panels = [(t, (t, shown(t, v))) for t, v in tasks.items()]
     if len(tasks) > 1:
         panels.append(('All', None))
     backbones = list(dict.fromkeys(r['backbone'] for r in table['rows']))
