@@ -6,7 +6,7 @@ SHELL := /bin/bash
 # editable install last pointed at
 PY = PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(shell bash scripts/setup_env.sh)
 
-.PHONY: help env python-path test demo demo-all data bench gpu-check
+.PHONY: help env python-path test demo demo-all data bench gpu-check compare
 
 help:
 	@echo "make demo        set up, generate tiny COCO, fine-tune FLoRA with tools/train.py, evaluate with tools/test.py"
@@ -16,6 +16,7 @@ help:
 	@echo "make bench       time / memory of a training step per PEFT method (docs/performance.md)"
 	@echo "make -s python-path   print the environment's interpreter"
 	@echo "make gpu-check   on a GPU machine: train/test the tiny configs on CUDA, CUDA tests, 2-GPU run"
+	@echo "make compare     every method on the tiny data of all three tasks (CPU): Table 1 + plot"
 
 env:
 	@bash scripts/setup_env.sh >/dev/null
@@ -42,3 +43,14 @@ bench: env
 # on a machine with an NVIDIA driver `env` builds the cuda variant by itself (FLORA_MM_CUDA=1 forces it)
 gpu-check: env
 	$(PY) tools/gpu_check.py
+
+# every method on the tiny COCO / ADE20K / DOTA at one matched budget, on CPU (docs/compare.md);
+# its own tiny data (8 train / 4 val images) under COMPARE_DIR, runs two at a time
+COMPARE_DIR ?= work_dirs/compare
+compare: env
+	$(PY) tools/make_tiny_data.py --out $(COMPARE_DIR)/data/tiny --num-train 8 --num-val 4
+	$(PY) tools/compare.py configs/coco/tiny/convnextv2_flora_r16.py \
+		configs/ade20k/tiny/convnextv2_flora_r16.py configs/dota/tiny/convnextv2_flora_r16.py \
+		--methods Frozen Full BitFit LoRA DoRA FLoRA --budgets 2% \
+		--max-epochs 6 --max-iters 12 --no-train-val --jobs 2 --dota-iou-thrs 0.5 0.75 \
+		--cwd $(COMPARE_DIR) --out $(COMPARE_DIR)

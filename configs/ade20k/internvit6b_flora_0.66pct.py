@@ -1,0 +1,7 @@
+# FLoRA at the paper's 0.66% budget on InternViT-6B (Table 2).
+# rank 16, kernel rank 1: 39,422,037 adapter parameters,
+# 0.667% of the 5,906,121,600-parameter pretrained backbone, +1.13% from 0.66%.
+# Solved by `python tools/count_params.py CONFIG --budget 0.66%` (docs/compare.md);
+# only the rank fields differ from internvit6b_flora_r16.py.
+_base_ = './internvit6b_flora_r16.py'
+model = dict(backbone=dict(peft=dict(rank=16, kernel_rank=1)))

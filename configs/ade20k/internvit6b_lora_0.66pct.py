@@ -1,0 +1,7 @@
+# LoRA at the paper's 0.66% budget on InternViT-6B (Table 2).
+# rank 16 (alpha as in the recipe): 39,382,208 adapter parameters,
+# 0.667% of the 5,906,121,600-parameter pretrained backbone, +1.03% from 0.66%.
+# Solved by `python tools/count_params.py CONFIG --budget 0.66%` (docs/compare.md);
+# only the rank fields differ from internvit6b_lora_r16.py.
+_base_ = './internvit6b_lora_r16.py'
+model = dict(backbone=dict(peft=dict(rank=16)))

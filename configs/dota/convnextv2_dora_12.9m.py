@@ -1,0 +1,7 @@
+# DoRA at the paper's 12.9M budget on ConvNeXt-V2-L (Table 1, where DoRA has 13.07M).
+# rank 41 (alpha as in the recipe): 12,787,572 adapter parameters,
+# 6.510% of the 196,416,768-parameter pretrained backbone, -0.87% from 12.9M.
+# Solved by `python tools/count_params.py CONFIG --budget 12.9M` (docs/compare.md);
+# only the rank fields differ from convnextv2_dora_r16.py.
+_base_ = './convnextv2_dora_r16.py'
+model = dict(backbone=dict(peft=dict(rank=41)))

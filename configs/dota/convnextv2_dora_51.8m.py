@@ -1,0 +1,7 @@
+# DoRA at the paper's 51.8M budget on ConvNeXt-V2-L (Table 1, where DoRA has 51.95M).
+# rank 168 (alpha as in the recipe): 51,885,792 adapter parameters,
+# 26.416% of the 196,416,768-parameter pretrained backbone, +0.17% from 51.8M.
+# Solved by `python tools/count_params.py CONFIG --budget 51.8M` (docs/compare.md);
+# only the rank fields differ from convnextv2_dora_r16.py.
+_base_ = './convnextv2_dora_r16.py'
+model = dict(backbone=dict(peft=dict(rank=168)))

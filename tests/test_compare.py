@@ -1,0 +1,130 @@
+"""flora_mm.apis.compare end to end on tiny ADE20K.
+
+Two methods (LoRA and FLoRA at one budget, ranks solved) are trained for one epoch (2
+iterations of 4 of the 8 images) with the real tools/train.py and tested with tools/test.py.
+(Segmentation always scores; a detector this young finds nothing and COCO scores nothing.)
+Checked against independent sources:
+- the table's ``# Params`` equal tools/count_params.py's per-method trainable count less the
+  output norms (which every method trains; their size comes from the architecture here);
+- the table's metrics equal the test run's own results file, and the validation that
+  tools/train.py ran on the same set with the same final weights (a separate process);
+- compare.png is a valid PNG of the stated size with one series per method per panel;
+- a second call skips both runs and starts no process.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import os.path as osp
+import struct
+import sys
+
+import pytest
+
+from flora_mm.apis import compare as C
+from flora_mm.datasets.checkpoints import generate_checkpoints
+from flora_mm.datasets.tiny import generate
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+TINY_ADE = osp.join(ROOT, 'configs/ade20k/tiny/convnextv2_flora_r16.py')
+sys.path.insert(0, osp.join(ROOT, 'tools'))
+import count_params  # noqa: E402
+
+ATTO_NORMS = 2 * (40 + 80 + 160 + 320)  # norm0..3 of ConvNeXt-V2-atto: trained by every method
+
+
+@pytest.fixture(scope='module')
+def compared(tmp_path_factory):
+    root = tmp_path_factory.mktemp('compare')
+    generate(str(root / 'data/tiny'), tasks=['ade20k'], num_train=8, num_val=4)
+    generate_checkpoints(str(root / 'data/tiny'))
+    options = C.RunOptions(cwd=str(root), max_epochs=1, max_iters=2,
+                           env=dict(OMP_NUM_THREADS='2'))
+    out = str(root / 'out')
+    lines: list[str] = []
+    result = C.compare([TINY_ADE], out, methods=['LoRA', 'FLoRA'], budgets=['2%'],
+                       options=options, log=lines.append)
+    return dict(root=root, out=out, options=options, result=result, log=lines)
+
+
+def _val_metrics(train_dir: str) -> dict:
+    """The scores of the validation tools/train.py ran after its last iteration (mmengine's
+    visualizer scalars of the training run)."""
+    paths = glob.glob(osp.join(train_dir, '*', 'vis_data', 'scalars.json'))
+    assert len(paths) == 1, paths
+    with open(paths[0]) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    scored = [r for r in records if 'mIoU' in r]
+    assert len(scored) == 1, scored
+    return scored[0]
+
+
+def test_table_counts_and_metrics(compared):
+    result, out = compared['result'], compared['out']
+    rows = result['table']['rows']
+    assert [r['method'] for r in rows] == ['LoRA', 'FLoRA']
+    with open(result['files']['csv']) as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [r['method'] for r in csv_rows] == ['LoRA', 'FLoRA']
+    for run, row, csv_row in zip(result['results'], rows, csv_rows):
+        # parameter counts: count_params on the run's own config
+        counted = count_params.count_params(run['run_config'])
+        method_params = counted['per_method'][run['method']]['trainable'] - ATTO_NORMS
+        assert row['params']['ADE20K'] == method_params == int(csv_row['params/ADE20K'])
+        assert run['counts']['model_trainable'] == counted['trainable']
+        assert run['rank'] == json.load(open(osp.join(run['run_dir'], 'result.json')))['rank']
+        # metrics: the run's test results file and the training's own validation
+        test_dirs = glob.glob(osp.join(run['run_dir'], 'test', '*', '*.json'))
+        with open(test_dirs[0]) as f:
+            tested = [json.loads(line) for line in f if line.strip()][-1]
+        validated = _val_metrics(osp.join(run['run_dir'], 'train'))
+        for column in ('mAcc', 'mIoU'):
+            assert tested[column] == validated[column]  # two processes, same weights and data
+            assert row['metrics'][('ADE20K', column)] == tested[column]
+            assert float(csv_row[f'ADE20K/{column}']) == pytest.approx(tested[column])
+        assert row['avg'] == pytest.approx((tested['mAcc'] + tested['mIoU']) / 2)
+        assert run['sec_per_iter'] > 0 and run['peak_memory_mb'] > 50
+    markdown = open(result['files']['md']).read()
+    for row in rows:
+        assert f'{row["method"]} r{row["rank"]}' in markdown
+        assert C.B.format_count(row['params']['ADE20K']) in markdown
+    assert json.load(open(result['files']['json']))['rows'][0]['method'] == 'LoRA'
+    assert osp.isdir(out)
+
+
+def test_png(compared):
+    result = compared['result']
+    path = result['files']['png']
+    with open(path, 'rb') as f:
+        head = f.read(24)
+    assert head[:8] == b'\x89PNG\r\n\x1a\n' and head[12:16] == b'IHDR'
+    width, height = struct.unpack('>II', head[16:24])
+    assert [width, height] == result['figure']['size'] == [
+        round(C.PANEL_INCHES[0] * C.DPI), round((C.PANEL_INCHES[1] + 0.6) * C.DPI)]
+    from PIL import Image
+    with Image.open(path) as img:
+        img.verify()
+    assert result['figure']['series'] == {'ADE20K mIoU': ['LoRA', 'FLoRA']}
+
+
+def test_rerun_skips_finished_runs(compared):
+    before = sorted(glob.glob(osp.join(compared['out'], '**', '*'), recursive=True))
+    lines: list[str] = []
+    again = C.compare([TINY_ADE], compared['out'], methods=['LoRA', 'FLoRA'], budgets=['2%'],
+                      options=compared['options'], log=lines.append)
+    assert all(r['skipped'] for r in again['results'])
+    assert sum('skipped' in line for line in lines) == 2
+    assert not any('training' in line or 'testing' in line for line in lines)
+    after = sorted(glob.glob(osp.join(compared['out'], '**', '*'), recursive=True))
+    assert before == after  # no new work dirs, logs or checkpoints
+    assert again['table']['rows'] == compared['result']['table']['rows']
+
+
+def test_changed_run_is_refused(compared):
+    spec = C.plan_runs([TINY_ADE], ['LoRA'], ['2%'], log=lambda _: None)[0]
+    spec.peft = dict(spec.peft, rank=spec.peft['rank'] + 1)
+    with pytest.raises(C.CompareError, match='different config'):
+        C.execute(spec, compared['out'], compared['options'], log=lambda _: None)
+    assert os.listdir(compared['out'])
