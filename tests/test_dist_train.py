@@ -53,7 +53,7 @@ def test_dist_train_two_cpu_processes(tmp_path):
     assert proc.returncode == 0, log
     assert 'nccl -> gloo' in proc.stdout + proc.stderr, log
 
-    dumps = {(tag, r): torch.load(work / f'trainable_{tag}_rank{r}.pt', weights_only=False)
+    dumps = {(tag, r): torch.load(work / f'trainable_{tag}_rank{r}.pt', weights_only=True)
              for tag in ('init', 'final') for r in (0, 1)}
     for d in dumps.values():
         assert d['world_size'] == 2 and d['wrapper'] == 'MMDistributedDataParallel'
@@ -74,7 +74,7 @@ def test_dist_train_two_cpu_processes(tmp_path):
     moved = [k for k in adapters if not torch.equal(init0[k], final0[k])]
     assert len(moved) == len(adapters), set(adapters) - set(moved)
 
-    ckpt = torch.load(work / 'epoch_1.pth', map_location='cpu', weights_only=False)
+    ckpt = torch.load(work / 'epoch_1.pth', map_location='cpu', weights_only=True)
     for k in final0:
         assert torch.equal(ckpt['state_dict'][k], final0[k]), k
     assert (work / 'epoch_1_adapter.safetensors').is_file()  # FLoRAHook, rank 0 only

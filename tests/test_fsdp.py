@@ -50,7 +50,7 @@ def _torchrun(args: list[str], nproc: int = 2, timeout: int = 300, cwd: str | No
                                                   ('internvit', 'dora', '')])
 def test_fsdp_matches_ddp_and_shards_half(tmp_path, backbone, method, opts):
     _torchrun([osp.join(ROOT, 'tests/_fsdp_worker.py'), backbone, method, str(tmp_path), opts])
-    ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=False) for r in (0, 1)]
+    ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in (0, 1)]
 
     # each rank holds about half of every sharded parameter, the two halves make the whole
     for r in ranks:
@@ -103,7 +103,7 @@ def test_fsdp_bf16_compute_over_fp32_master_weights(tmp_path):
     """The Full recipe's setting: blocks compute in bf16, parameters and optimizer stay fp32."""
     _torchrun([osp.join(ROOT, 'tests/_fsdp_worker.py'), 'internvit', 'full', str(tmp_path),
                'bf16'])
-    for r in (torch.load(tmp_path / f'rank{i}.pt', weights_only=False) for i in (0, 1)):
+    for r in (torch.load(tmp_path / f'rank{i}.pt', weights_only=True) for i in (0, 1)):
         assert r['dtypes'] == ['torch.float32']
         losses = r['losses']['fsdp']
         assert losses[-1] < losses[0], losses

@@ -86,7 +86,7 @@ def _build_unsharded(config, tmp):
 def test_sharded_checkpoint_is_complete(sharded_run):
     tmp, config, work, log = sharded_run
     assert 'FSDP' in log or 'FullyShardedModel' in log
-    ckpt = torch.load(work / 'iter_4.pth', map_location='cpu', weights_only=False)
+    ckpt = torch.load(work / 'iter_4.pth', map_location='cpu', weights_only=True)
     model = _build_unsharded(config, tmp)
     expected = model.state_dict()
     assert ckpt['state_dict'].keys() == expected.keys()
@@ -115,7 +115,7 @@ def test_sharded_adapter_file_complete_and_loads_unsharded(sharded_run):
 
     from flora_mm.peft.io import load_adapter_checkpoint
     tmp, config, work, _ = sharded_run
-    ckpt = torch.load(work / 'iter_4.pth', map_location='cpu', weights_only=False)
+    ckpt = torch.load(work / 'iter_4.pth', map_location='cpu', weights_only=True)
     adapter_path = work / 'iter_4_adapter.safetensors'
     tensors = load_file(str(adapter_path))
     model = _build_unsharded(config, tmp)
@@ -138,8 +138,8 @@ def test_resume_on_another_world_size_and_test_tool(sharded_run):
     tmp, config, work, _ = sharded_run
     log = _train(tmp, config, work, gpus=1, iters=6, extra=('--resume',))
     assert 'resumed epoch: 0, iter: 4' in log, log[-4000:]
-    before = torch.load(work / 'iter_4.pth', map_location='cpu', weights_only=False)
-    after = torch.load(work / 'iter_6.pth', map_location='cpu', weights_only=False)
+    before = torch.load(work / 'iter_4.pth', map_location='cpu', weights_only=True)
+    after = torch.load(work / 'iter_6.pth', map_location='cpu', weights_only=True)
     assert after['meta']['iter'] == 6 and after['meta']['sharded']['world_size'] == 1
     # the optimizer state was resumed: AdamW's step count went on from 4 (not restarted)
     assert {int(s['step']) for s in after['optimizer']['state'].values()} == {6}

@@ -243,7 +243,7 @@ def test_merge_full_and_adapter_checkpoints_load_in_vanilla_mmdet(trained, monke
     _run([sys.executable, osp.join(ROOT, 'tests/_predict_det.py'), str(root / 'vanilla.pt'),
           str(root / 'out/full.py'), out_full, str(root / 'out/adapter.py'), out_adapter,
           '--vanilla'], cwd=str(root))
-    vanilla = torch.load(root / 'vanilla.pt', weights_only=False)
+    vanilla = torch.load(root / 'vanilla.pt', weights_only=True)
     boxes = 0
     for out in (out_full, out_adapter):
         assert vanilla[out].keys() == adapted.keys() and len(adapted) == 4
