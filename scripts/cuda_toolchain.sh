@@ -5,8 +5,9 @@
 #    site-packages/nvidia/cu13/ beside the CUDA runtime headers and libraries torch brought;
 # 2. CUDA_HOME: a folder of links shaped the way torch's cpp_extension looks for a toolkit
 #    (bin/nvcc, include/, lib64/ with libcudart.so, which torch's wheel ships as .so.13 only);
-# 3. bin/nvcc is a wrapper that turns -std=c++14/-std=c++17 into -std=c++20: mmcv's setup.py
-#    hard-codes c++14 for nvcc, while torch 2.14's headers refuse anything before C++20;
+# 3. bin/nvcc is a wrapper (setup_env.sh's write_cxx20_wrapper) that turns -std=c++14/-std=c++17
+#    into -std=c++20: mmcv's setup.py hard-codes c++14 for nvcc, while torch 2.14's headers refuse
+#    anything before C++20;
 # 4. MMCV_CUDA_ARGS: cccl's include folder (thrust/cub for mmcv's nms kernels). mmcv's setup.py
 #    passes this variable to nvcc as ONE argument, so it must hold a single flag: a list with
 #    spaces reaches nvcc as one malformed -I. The four -D__CUDA_NO_HALF* defines, without which
@@ -30,17 +31,7 @@ setup_cuda_toolchain() {
   local home="$env_dir/cuda"
   mkdir -p "$home/bin" "$home/lib64"
   ln -sfn "$cu13/include" "$home/include"
-  cat >"$home/bin/nvcc" <<SH
-#!/usr/bin/env bash
-# mmcv's setup.py asks nvcc for C++14; torch 2.14's headers need C++20
-args=()
-for a in "\$@"; do
-  case "\$a" in -std=c++14|-std=c++17) a=-std=c++20 ;; esac
-  args+=("\$a")
-done
-exec "$cu13/bin/nvcc" "\${args[@]}"
-SH
-  chmod +x "$home/bin/nvcc"
+  write_cxx20_wrapper "$home/bin/nvcc" "\"$cu13/bin/nvcc\""  # defined in setup_env.sh
   local lib
   for lib in "$cu13"/lib/*; do ln -sfn "$lib" "$home/lib64/$(basename "$lib")"; done
   local cudart
