@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flora_mm.apis.benchmark import (METHODS, BenchConfig, TrainCase, format_table,
-                                     interleaved_times, method_configs, peak_memory_mib,
-                                     plot_result, run_benchmark, tune_glibc_malloc)
+from flora_mm.apis.benchmark import (METHODS, BenchConfig, TrainCase, _step_peak_bytes,
+                                     format_table, interleaved_times, method_configs,
+                                     peak_memory_mib, plot_result, run_benchmark,
+                                     tune_glibc_malloc)
 from flora_mm.peft import inject_adapters
 
 ROOT = __import__('os').path.dirname(__import__('os').path.dirname(__file__))
@@ -120,8 +121,24 @@ def test_peak_memory_counts_what_a_method_keeps():
     cfg = BenchConfig(arch='atto', batch=2, size=32)
     weights = sum(p.numel() for p in TrainCase('Full', cfg).backbone.parameters()) * 4 / 2 ** 20
     floor, full = peak_memory_mib('Floor', cfg), peak_memory_mib('Full', cfg)
-    assert floor > weights  # the weights are built after the reset
-    assert full - floor > 2 * weights
+    for kind in ('allocated', 'rss'):
+        assert floor[kind] > weights  # the weights are built after the reset
+        assert full[kind] - floor[kind] > 2 * weights
+    # the resident set carries the allocator's overheads on top of what torch holds
+    assert floor['rss'] > floor['allocated'] * 0.9
+
+
+def test_step_peak_is_the_running_maximum_of_allocations():
+    """1 MiB, then 2 MiB more, free the first, then 0.5 MiB: the peak is exactly 3 MiB."""
+    class Steps:
+        def step(self):
+            a = torch.empty(2 ** 18)
+            b = torch.empty(2 ** 19)
+            del a
+            c = torch.empty(2 ** 17)
+            del b, c
+
+    assert _step_peak_bytes(Steps()) == 3 * 2 ** 20
 
 
 def test_tool_rejects_bad_arguments_before_measuring(tmp_path):

@@ -11,9 +11,11 @@ taken within the run, to:
 
 ``FLoRA-ref`` is FLoRA in the form of the authors' released ``layers.py``: the base op, plus a
 second conv/linear with the materialised update added to its output. Peak memory is measured
-per method in its own (spawned) process: on CUDA torch's peak allocated memory, on the CPU the
-peak resident set (VmHWM, reset after the imports) above the process's size before the model
-was built: weights, gradients, optimizer state and activations, as CUDA's figure.
+per method in its own (spawned) process as the peak of what torch has allocated: weights,
+gradients, optimizer state and activations (CUDA: ``max_memory_allocated``; CPU: the same sum,
+from the profiler's record of every allocation). On the CPU the peak resident set above the
+process's size before the model was built is reported beside it: that one also carries the
+allocator's overheads (docs/performance.md).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from ..models import ConvNeXtV2
 from ..models.convnextv2 import CONVNEXTV2_ARCHS
 from ..peft import (FLoRA, FLoRALayer, PEFTMethod, count_parameters, inject_adapters,
                     merge_adapters)
+from ..peft.recompute import RecomputeStats
 
 TARGETS = dict(types=['Conv2d', 'Linear'])
 
@@ -274,8 +277,15 @@ def saved_activation_mib(case: TrainCase) -> float:
             seen[storage.data_ptr()] = storage.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        case.step()
+    # the lean ConvNeXt blocks' own hooks hide what adapters keep from the hooks above: they
+    # report it themselves
+    stats = case.backbone.recompute_stats = RecomputeStats()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            case.step()
+    finally:
+        case.backbone.recompute_stats = None
+    seen.update({ptr: n for ptr, n in stats.kept_storages.items() if ptr not in params})
     return sum(seen.values()) / 2 ** 20
 
 
@@ -286,7 +296,32 @@ def _status_mib(field: str) -> float:
     return int(line.split()[1]) / 1024  # kB
 
 
-def _peak_memory_worker(method: str, cfg_dict: dict) -> float:
+def _live_bytes(case: TrainCase) -> int:
+    """Bytes of the tensors that outlive a step: weights, buffers, optimizer state, the batch."""
+    tensors = [*case.backbone.parameters(), *case.backbone.buffers(), *case.head.parameters(),
+               case.x, case.y]
+    for state in case.opt.state.values():
+        tensors += [v for v in state.values() if torch.is_tensor(v)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def _step_peak_bytes(case: TrainCase) -> int:
+    """Most bytes torch's CPU allocator holds at once during one step, above the step's start:
+    the running sum of the profiler's allocation records (every alloc and free, in order)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        case.step()
+    records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                     if e.name() == '[memory]' and e.device_type() == torch.autograd.DeviceType.CPU)
+    running = peak = 0
+    for _, nbytes in records:
+        running += nbytes
+        peak = max(peak, running)
+    return peak
+
+
+def _peak_memory_worker(method: str, cfg_dict: dict) -> dict[str, float]:
     cfg = BenchConfig(**cfg_dict)
     if cfg.tune_malloc:
         tune_glibc_malloc()
@@ -299,16 +334,27 @@ def _peak_memory_worker(method: str, cfg_dict: dict) -> float:
             f.write('5')
         start = _status_mib('VmRSS')
     case = TrainCase(method, cfg)
-    for _ in range(3):  # AdamW's state exists from the first step on
+    for _ in range(2):  # AdamW's state exists from the first step on
         case.step()
     _sync(device)
     if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return _status_mib('VmHWM') - start
+        case.step()
+        _sync(device)
+        return dict(allocated=torch.cuda.max_memory_allocated(device) / 2 ** 20)
+    # the CPU twin of CUDA's peak allocated: what outlives a step plus the step's own peak.
+    # Gradients and the input's gradient are dropped first so that the step frees nothing
+    # the profiler did not see allocated.
+    case.opt.zero_grad(set_to_none=True)
+    case.x.grad = None
+    allocated = _live_bytes(case) + _step_peak_bytes(case)
+    return dict(allocated=allocated / 2 ** 20, rss=_status_mib('VmHWM') - start)
 
 
-def peak_memory_mib(method: str, cfg: BenchConfig) -> float:
-    """Peak memory of a few training steps of ``method``, in a fresh spawned process."""
+def peak_memory_mib(method: str, cfg: BenchConfig) -> dict[str, float]:
+    """Peak memory of a few training steps of ``method``, in a fresh spawned process:
+    ``allocated`` (CUDA's max_memory_allocated, or on the CPU the same quantity from the
+    profiler's allocation records) and on the CPU ``rss``, the peak resident set above the
+    process's size before the model was built (allocator overheads included)."""
     ctx = multiprocessing.get_context('spawn')
     with ctx.Pool(1) as pool:
         return pool.apply(_peak_memory_worker, (method, asdict(cfg)))
@@ -375,9 +421,13 @@ def run_benchmark(cfg: BenchConfig, progress: Callable[[str], None] | None = Non
         result.inference = dict(plain_s=plain, merged_s=merged, ratio=merged / plain, times=inf)
     if cfg.memory:
         for row in result.rows:
-            row['peak_mib'] = peak_memory_mib(row['method'], cfg)
+            peak = peak_memory_mib(row['method'], cfg)
+            row['peak_mib'] = peak['allocated']
+            if 'rss' in peak:
+                row['peak_rss_mib'] = peak['rss']
             if progress:
-                progress(f'peak memory {row["method"]}: {row["peak_mib"]:.0f} MiB')
+                progress(f'peak memory {row["method"]}: {row["peak_mib"]:.0f} MiB allocated'
+                         + (f', {peak["rss"]:.0f} MiB resident' if 'rss' in peak else ''))
         peaks = {r['method']: r['peak_mib'] for r in result.rows}
         for row in result.rows:
             for ref in ('Floor', 'LoRA', 'Full'):
@@ -405,8 +455,10 @@ def format_table(result: BenchResult) -> str:
     clock = 'CPU' if cfg['clock'] == 'cpu' else 'wall'
     header = ['method', 'trainable', 'wall s/step', 'CPU s/step'] + [
         f'x {r} ({clock})' for r in refs] + ['saved for backward MiB']
+    rss = any('peak_rss_mib' in row for row in result.rows)
     if mem:
-        header += ['peak MiB'] + ([f'mem x Floor'] if 'Floor' in refs else [])
+        header += ['peak allocated MiB'] + (['mem x Floor'] if 'Floor' in refs else [])
+        header += ['peak resident MiB'] if rss else []
     lines += ['| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
     for row in result.rows:
         cells = [row['label'], f'{row["trainable"]:,}', f'{row["s_step"]:.3f}',
@@ -416,6 +468,8 @@ def format_table(result: BenchResult) -> str:
             cells.append(f'{row["peak_mib"]:.0f}')
             if 'Floor' in refs:
                 cells.append(f'{row["mem_x_Floor"]:.3f}')
+            if rss:
+                cells.append(f'{row.get("peak_rss_mib", float("nan")):.0f}')
         lines.append('| ' + ' | '.join(cells) + ' |')
     if result.inference:
         inf = result.inference
@@ -440,7 +494,7 @@ def plot_result(result: BenchResult, path: str) -> None:
                f'seconds per training step ({"CPU time" if clock == "cpu" else "wall"})',
                'x_Floor')]
     if all('peak_mib' in r for r in rows):
-        panels.append(('peak_mib', 'peak memory (MiB)', 'mem_x_Floor'))
+        panels.append(('peak_mib', 'peak memory allocated (MiB)', 'mem_x_Floor'))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 0.5 * len(rows) + 2),
                              squeeze=False)
     colors = ['#9e9e9e' if r['method'] in ('Floor', 'Frozen') else

@@ -14,11 +14,16 @@ import timm
 import torch
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
-from timm.layers import LayerNorm2d
-from timm.models.convnext import checkpoint_filter_fn
+from timm.layers import GlobalResponseNormMlp, LayerNorm2d
+from timm.layers.grn import GlobalResponseNorm
+from timm.models.convnext import ConvNeXtBlock, checkpoint_filter_fn
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from flora_mm.registry import MODELS
+
+from ..peft.base import AdapterLayer
+from ..peft.recompute import RecomputeStats, run_with_recomputed_input
 
 from ._checkpoint import (DEFAULT_MIN_LOADED_SHARE, init_weights_from_cfg, load_by_keys,
                           read_state_dict, select_prefix)
@@ -52,6 +57,10 @@ class ConvNeXtV2(BaseModule):
             ConvNeXt dense-prediction backbones do; these are new parameters (not pretrained).
         frozen_stages: freeze the stem and stages ``0..frozen_stages`` (-1 freezes nothing).
         with_cp: non-reentrant activation checkpointing per block (saves memory when training).
+        recompute_adapter_inputs: when ``mlp.fc1``/``mlp.fc2`` carry adapters, rebuild their
+            inputs (the LayerNorm and GRN outputs) in backward instead of keeping them, so an
+            adapted block keeps what a frozen one keeps; costs one element-wise pass each
+            (docs/performance.md). Gradients are bit-identical either way.
         init_cfg: ``dict(type='Pretrained', checkpoint=LOCAL_PATH[, prefix='backbone.'])`` loads
             a local checkpoint in timm or official ConvNeXt-V2/FCMAE key layout; other mmengine
             init configs are applied as usual.
@@ -64,6 +73,7 @@ class ConvNeXtV2(BaseModule):
                  out_norm: bool = True,
                  frozen_stages: int = -1,
                  with_cp: bool = False,
+                 recompute_adapter_inputs: bool = True,
                  init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
         super().__init__(init_cfg=init_cfg)
         if arch not in CONVNEXTV2_ARCHS:
@@ -75,6 +85,10 @@ class ConvNeXtV2(BaseModule):
             raise ValueError(f'out_indices must be in 0..3, got {out_indices}')
         self.frozen_stages = frozen_stages
         self.with_cp = with_cp
+        self.recompute_adapter_inputs = recompute_adapter_inputs
+        #: set a RecomputeStats here to have the lean block path count what it does (tests,
+        #: benchmark); None in training, where counting would only grow
+        self.recompute_stats: Optional[RecomputeStats] = None
 
         # pretrained=False: weights only ever come from local files (init_weights).
         model = timm.create_model(f'convnextv2_{arch}', pretrained=False, num_classes=0,
@@ -109,6 +123,12 @@ class ConvNeXtV2(BaseModule):
                 x = stage.downsample(x)
                 for block in stage.blocks:
                     x = checkpoint(block, x, use_reentrant=False)
+            elif (self.recompute_adapter_inputs and self.training and torch.is_grad_enabled()
+                  and not torch.compiler.is_compiling()):  # inductor picks what to recompute
+                x = stage.downsample(x)
+                for block in stage.blocks:
+                    x = (_lean_block_forward(block, x, self.recompute_stats)
+                         if _has_mlp_adapters(block) else block(x))
             else:
                 x = stage(x)
             if i in self.out_indices:
@@ -185,6 +205,48 @@ class ConvNeXtV2(BaseModule):
             except KeyError:
                 out[k] = v
         return out
+
+
+def _has_mlp_adapters(block: nn.Module) -> bool:
+    """A ConvNeXt-V2 block of the layout ``_lean_block_forward`` replicates, with an adapter
+    on fc1 or fc2 (other layouts run timm's own forward)."""
+    if type(block) is not ConvNeXtBlock:
+        return False
+    mlp = block.mlp
+    return (type(mlp) is GlobalResponseNormMlp and type(mlp.grn) is GlobalResponseNorm
+            and isinstance(block.shortcut, nn.Identity)
+            and (isinstance(mlp.fc1, AdapterLayer) or isinstance(mlp.fc2, AdapterLayer)))
+
+
+def _lean_block_forward(block: ConvNeXtBlock, x: torch.Tensor,
+                        stats: Optional[RecomputeStats]) -> torch.Tensor:
+    """timm's ``ConvNeXtBlock.forward`` (GRN MLP, linear or 1x1-conv), op for op, except
+    that the adapted fc1/fc2 keep no copy of their inputs: those are rebuilt in backward from
+    the LayerNorm's input and the GRN's input, which the block keeps anyway."""
+    shortcut = x
+    x = block.conv_dw(x)
+    if not block.use_conv_mlp:
+        x = x.permute(0, 2, 3, 1)
+    mlp, grn = block.mlp, block.mlp.grn
+    mixed = x  # the LayerNorm's input, which its autograd node keeps
+    x = run_with_recomputed_input(mlp.fc1, block.norm(mixed), lambda: block.norm(mixed),
+                                  (mixed,), stats)
+    h = mlp.drop1(mlp.act(x))
+    # timm's GlobalResponseNorm.forward, with x_n kept for the rebuild
+    x_g = h.norm(p=2, dim=grn.spatial_dim, keepdim=True)
+    x_n = x_g / (x_g.mean(dim=grn.channel_dim, keepdim=True) + grn.eps)
+
+    def grn_out() -> torch.Tensor:
+        return h + torch.addcmul(grn.bias.view(grn.wb_shape), grn.weight.view(grn.wb_shape),
+                                 h * x_n)
+
+    x = run_with_recomputed_input(mlp.fc2, grn_out(), grn_out, (h, x_n), stats)
+    x = mlp.drop2(x)
+    if not block.use_conv_mlp:
+        x = x.permute(0, 3, 1, 2)
+    if block.gamma is not None:
+        x = x.mul(block.gamma.reshape(1, -1, 1, 1))
+    return block.drop_path(x) + shortcut
 
 
 def _is_official_layout(sd: Dict[str, torch.Tensor]) -> bool:
