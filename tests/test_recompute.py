@@ -167,3 +167,29 @@ def test_helper_rebuilds_under_the_forward_autocast_state():
     y.float().sum().backward()
     assert stats.recomputed == 1
     assert torch.equal(got, lin.weight.grad)
+
+
+@pytest.mark.parametrize('method', ['FLoRA', 'LoRA'])
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_internvit_lean_blocks_are_bit_identical(method, dtype):
+    """qkv, fc1 (norm outputs) and fc2 (GELU output) rebuilt in backward: same numbers."""
+    from flora_mm.models import InternViT
+    torch.manual_seed(0)
+    model = InternViT('tiny', img_size=28, with_fpn=False, drop_path_rate=0.1, dtype=dtype)
+    inject_adapters(model, dict(METHODS[method], targets=dict(types=['Linear'])))
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, AdapterLayer):
+                for _, param in module.adapter_parameters():
+                    param.normal_(0.0, 0.1)
+    model.train()
+    x = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(3))
+    plain = _step(model, x, lean=False)
+    model.recompute_stats = stats = RecomputeStats()
+    lean = _step(model, x, lean=True)
+    assert stats.replaced == stats.recomputed == 3 * len(model.blocks)
+    for a, b in zip(plain[0], lean[0]):
+        assert torch.equal(a, b)
+    assert torch.equal(plain[1], lean[1])
+    for name in plain[2]:
+        assert torch.equal(plain[2][name], lean[2][name]), name

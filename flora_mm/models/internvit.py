@@ -15,12 +15,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.model import BaseModule
-from timm.layers import LayerNorm, LayerNorm2d, RmsNormFp32, resample_abs_pos_embed
+from timm.layers import LayerNorm, LayerNorm2d, Mlp, RmsNormFp32, resample_abs_pos_embed
 from timm.layers.attention import Attention
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
 from flora_mm.registry import MODELS
+
+from ..peft.base import AdapterLayer
+from ..peft.recompute import RecomputeStats, run_with_recomputed_input
 
 from ._checkpoint import (DEFAULT_MIN_LOADED_SHARE, init_weights_from_cfg, load_by_keys,
                           read_state_dict, select_prefix)
@@ -88,6 +91,9 @@ class InternViT(BaseModule):
         drop_path_rate: stochastic depth rate.
         with_cp: non-reentrant activation checkpointing per block, so adapters inside frozen
             blocks still get gradients when the block input does not require grad.
+        recompute_adapter_inputs: adapted ``attn.qkv``, ``mlp.fc1`` and ``mlp.fc2`` keep no
+            copy of their inputs (two norm outputs and the GELU output); those are rebuilt in
+            backward from tensors the block keeps anyway. Gradients are bit-identical.
         dtype: 'float32' or 'bfloat16' (or 'float16'): the transformer's parameters are cast
             and its blocks run in that dtype; the FPN and the returned features are float32
             (the input's dtype if it is floating). Adapters injected later keep their own dtype.
@@ -103,6 +109,7 @@ class InternViT(BaseModule):
                  fpn_final_norm: bool = False,
                  drop_path_rate: float = 0.0,
                  with_cp: bool = False,
+                 recompute_adapter_inputs: bool = True,
                  dtype: str = 'float32',
                  init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
         super().__init__(init_cfg=init_cfg)
@@ -118,6 +125,9 @@ class InternViT(BaseModule):
         self.arch = arch if isinstance(arch, str) else 'custom'
         self.compute_dtype = _DTYPES[dtype]
         self.with_cp = with_cp
+        self.recompute_adapter_inputs = recompute_adapter_inputs
+        #: set a RecomputeStats here to count what the lean block path does (tests, benchmark)
+        self.recompute_stats: Optional[RecomputeStats] = None
         depth = cfg['depth']
         embed_dim = self.embed_dim = cfg['embed_dim']
 
@@ -181,9 +191,16 @@ class InternViT(BaseModule):
         x = x + pos_embed.to(x.dtype)
 
         use_cp = self.with_cp and self.training and torch.is_grad_enabled()
+        lean = (not use_cp and self.recompute_adapter_inputs and self.training
+                and torch.is_grad_enabled() and not torch.compiler.is_compiling())
         feats = []
         for i, block in enumerate(self.blocks):
-            x = checkpoint(block, x, use_reentrant=False) if use_cp else block(x)
+            if use_cp:
+                x = checkpoint(block, x, use_reentrant=False)
+            elif lean and _has_adapters(block):
+                x = _lean_block_forward(block, x, self.recompute_stats)
+            else:
+                x = block(x)
             if i in self.out_indices:
                 feats.append(x[:, 1:].transpose(1, 2).reshape(B, self.embed_dim, h, w))
 
@@ -269,3 +286,32 @@ def hf_to_internvl(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
             k = re.sub(r'^(blocks\.\d+\.ls[12])$', r'\1.gamma', k)  # bare Parameter in HF
         out[k] = v
     return out
+
+
+def _has_adapters(block: nn.Module) -> bool:
+    """A timm ViT block of the layout ``_lean_block_forward`` replicates, with an adapter on
+    qkv, fc1 or fc2 (other layouts run timm's own forward)."""
+    if type(block) is not Block or type(block.mlp) is not Mlp:
+        return False
+    return any(isinstance(m, AdapterLayer) for m in (block.attn.qkv, block.mlp.fc1,
+                                                      block.mlp.fc2))
+
+
+def _lean_block_forward(block: Block, x: torch.Tensor,
+                        stats: Optional[RecomputeStats]) -> torch.Tensor:
+    """timm's ``Block.forward`` op for op, except that qkv, fc1 and fc2 keep no copy of their
+    inputs: norm1(x) and norm2(x) are rebuilt from the block's residual stream (which the norms
+    keep), fc2's input from fc1's output (which GELU keeps)."""
+    attn_in = x
+    a = run_with_recomputed_input(block.attn, block.norm1(attn_in),
+                                  lambda: block.norm1(attn_in), (attn_in,), stats)
+    x = x + block.drop_path1(block.ls1(a))
+    mlp, mlp_in = block.mlp, x
+    hidden = run_with_recomputed_input(mlp.fc1, block.norm2(mlp_in),
+                                       lambda: block.norm2(mlp_in), (mlp_in,), stats)
+    if mlp.drop1.p == 0 or not mlp.training:  # a random mask could not be rebuilt
+        h = run_with_recomputed_input(lambda z: mlp.fc2(mlp.norm(z)), mlp.act(hidden),
+                                      lambda: mlp.act(hidden), (hidden,), stats)
+    else:
+        h = mlp.fc2(mlp.norm(mlp.drop1(mlp.act(hidden))))
+    return x + block.drop_path2(block.ls2(mlp.drop2(h)))
