@@ -193,3 +193,23 @@ def test_internvit_lean_blocks_are_bit_identical(method, dtype):
     assert torch.equal(plain[1], lean[1])
     for name in plain[2]:
         assert torch.equal(plain[2][name], lean[2][name]), name
+
+
+@pytest.mark.parametrize('arch,size', [('atto', 64), ('tiny', 32)])
+def test_block_forward_is_timms_block(arch, size):
+    """The one-pass GRN is timm's GRN up to rounding, in values and in gradients."""
+    from flora_mm.models.convnextv2 import _block_forward
+    torch.manual_seed(0)
+    model = ConvNeXtV2(arch=arch)
+    block = model.stages[1].blocks[0]
+    with torch.no_grad():  # timm initialises GRN to zero, which would hide it
+        block.mlp.grn.weight.normal_(0.0, 0.5)
+        block.mlp.grn.bias.normal_(0.0, 0.5)
+    x = torch.randn(2, block.conv_dw.in_channels, size // 8, size // 8, requires_grad=True)
+    ours = _block_forward(block, x)
+    (gx_ours,) = torch.autograd.grad(ours.square().sum(), x)
+    theirs = block(x)
+    (gx_theirs,) = torch.autograd.grad(theirs.square().sum(), x)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx_ours, gx_theirs, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(ours, x)  # the block did something

@@ -59,8 +59,10 @@ class ConvNeXtV2(BaseModule):
         with_cp: non-reentrant activation checkpointing per block (saves memory when training).
         recompute_adapter_inputs: when ``mlp.fc1``/``mlp.fc2`` carry adapters, rebuild their
             inputs (the LayerNorm and GRN outputs) in backward instead of keeping them, so an
-            adapted block keeps what a frozen one keeps; costs one element-wise pass each
+            adapted block keeps what a frozen one keeps, for one element-wise pass each
             (docs/performance.md). Gradients are bit-identical either way.
+
+    The blocks run ``_block_forward``: timm's block with GRN computed in one pass.
         init_cfg: ``dict(type='Pretrained', checkpoint=LOCAL_PATH[, prefix='backbone.'])`` loads
             a local checkpoint in timm or official ConvNeXt-V2/FCMAE key layout; other mmengine
             init configs are applied as usual.
@@ -118,24 +120,26 @@ class ConvNeXtV2(BaseModule):
         """Return the feature maps of ``out_indices`` as a tuple of NCHW tensors."""
         x = self.stem(x)
         outs = []
+        training = self.training and torch.is_grad_enabled()
+        lean = (training and self.recompute_adapter_inputs and not self.with_cp
+                and not torch.compiler.is_compiling())  # inductor picks what to recompute
         for i, stage in enumerate(self.stages):
-            if self.with_cp and self.training and torch.is_grad_enabled():
-                x = stage.downsample(x)
-                for block in stage.blocks:
-                    x = checkpoint(block, x, use_reentrant=False)
-            elif (self.recompute_adapter_inputs and self.training and torch.is_grad_enabled()
-                  and not torch.compiler.is_compiling()):  # inductor picks what to recompute
-                x = stage.downsample(x)
-                for block in stage.blocks:
-                    x = (_lean_block_forward(block, x, self.recompute_stats)
-                         if _has_mlp_adapters(block) else block(x))
-            else:
-                x = stage(x)
+            x = stage.downsample(x)
+            for block in stage.blocks:
+                if self.with_cp and training:
+                    x = checkpoint(self._run_block, block, x, False, use_reentrant=False)
+                else:
+                    x = self._run_block(block, x, lean)
             if i in self.out_indices:
                 outs.append(getattr(self, f'norm{i}')(x) if self.out_norm else x)
         # timm's LayerNorm2d returns a channels-last strided view, and convs keep that layout;
         # mmcv's RoIAlign / RoIAlignRotated read raw NCHW memory and give wrong features for it
         return tuple(o.contiguous() for o in outs)
+
+    def _run_block(self, block: nn.Module, x: torch.Tensor, lean: bool) -> torch.Tensor:
+        if _is_grn_block(block):
+            return _block_forward(block, x, lean, self.recompute_stats)
+        return block(x)
 
     # ------------------------------------------------------------------ pretrained weights
     def init_weights(self) -> None:
@@ -207,40 +211,47 @@ class ConvNeXtV2(BaseModule):
         return out
 
 
-def _has_mlp_adapters(block: nn.Module) -> bool:
-    """A ConvNeXt-V2 block of the layout ``_lean_block_forward`` replicates, with an adapter
-    on fc1 or fc2 (other layouts run timm's own forward)."""
-    if type(block) is not ConvNeXtBlock:
-        return False
-    mlp = block.mlp
-    return (type(mlp) is GlobalResponseNormMlp and type(mlp.grn) is GlobalResponseNorm
-            and isinstance(block.shortcut, nn.Identity)
-            and (isinstance(mlp.fc1, AdapterLayer) or isinstance(mlp.fc2, AdapterLayer)))
+def _is_grn_block(block: nn.Module) -> bool:
+    """A timm ConvNeXt-V2 block of the layout ``_block_forward`` computes."""
+    return (type(block) is ConvNeXtBlock and type(block.mlp) is GlobalResponseNormMlp
+            and type(block.mlp.grn) is GlobalResponseNorm
+            and isinstance(block.shortcut, nn.Identity))
 
 
-def _lean_block_forward(block: ConvNeXtBlock, x: torch.Tensor,
-                        stats: Optional[RecomputeStats]) -> torch.Tensor:
-    """timm's ``ConvNeXtBlock.forward`` (GRN MLP, linear or 1x1-conv), op for op, except
-    that the adapted fc1/fc2 keep no copy of their inputs: those are rebuilt in backward from
-    the LayerNorm's input and the GRN's input, which the block keeps anyway."""
+def _block_forward(block: ConvNeXtBlock, x: torch.Tensor, lean: bool = False,
+                   stats: Optional[RecomputeStats] = None) -> torch.Tensor:
+    """timm's ``ConvNeXtBlock.forward`` (GRN MLP, linear or 1x1-conv) with two changes.
+
+    * GRN's ``x + b + w * (x * n)`` is computed as ``x * (1 + w * n) + b``: the same function
+      in one pass over the MLP's widest tensor instead of three (rounding differs from timm's
+      at the 1e-7 level). Every method runs it, Floor included.
+    * ``lean``: adapted fc1/fc2 keep no copy of their inputs. Both are rebuilt in backward,
+      fc1's from the LayerNorm's input and fc2's from the GRN's input, which the block keeps
+      anyway; gradients are bit-identical to keeping them.
+    """
     shortcut = x
     x = block.conv_dw(x)
     if not block.use_conv_mlp:
         x = x.permute(0, 2, 3, 1)
     mlp, grn = block.mlp, block.mlp.grn
     mixed = x  # the LayerNorm's input, which its autograd node keeps
-    x = run_with_recomputed_input(mlp.fc1, block.norm(mixed), lambda: block.norm(mixed),
-                                  (mixed,), stats)
+    if lean and isinstance(mlp.fc1, AdapterLayer):
+        x = run_with_recomputed_input(mlp.fc1, block.norm(mixed), lambda: block.norm(mixed),
+                                      (mixed,), stats)
+    else:
+        x = mlp.fc1(block.norm(mixed))
     h = mlp.drop1(mlp.act(x))
-    # timm's GlobalResponseNorm.forward, with x_n kept for the rebuild
     x_g = h.norm(p=2, dim=grn.spatial_dim, keepdim=True)
     x_n = x_g / (x_g.mean(dim=grn.channel_dim, keepdim=True) + grn.eps)
+    scale = 1 + grn.weight.view(grn.wb_shape) * x_n  # (N, 1, 1, C): small
 
     def grn_out() -> torch.Tensor:
-        return h + torch.addcmul(grn.bias.view(grn.wb_shape), grn.weight.view(grn.wb_shape),
-                                 h * x_n)
+        return torch.addcmul(grn.bias.view(grn.wb_shape), h, scale)
 
-    x = run_with_recomputed_input(mlp.fc2, grn_out(), grn_out, (h, x_n), stats)
+    if lean and isinstance(mlp.fc2, AdapterLayer):
+        x = run_with_recomputed_input(mlp.fc2, grn_out(), grn_out, (h, scale), stats)
+    else:
+        x = mlp.fc2(grn_out())
     x = mlp.drop2(x)
     if not block.use_conv_mlp:
         x = x.permute(0, 3, 1, 2)
