@@ -13,7 +13,8 @@ from torch import nn
 from flora_mm.apis.benchmark import (METHODS, BenchConfig, TrainCase, _step_peak_bytes,
                                      format_table, interleaved_times, method_configs,
                                      peak_memory_mib, plot_result, run_benchmark,
-                                     tune_glibc_malloc)
+                                     saved_activation_mib, tune_glibc_malloc)
+from flora_mm.models.convnextv2 import CONVNEXTV2_ARCHS
 from flora_mm.peft import inject_adapters
 
 ROOT = __import__('os').path.dirname(__import__('os').path.dirname(__file__))
@@ -151,3 +152,19 @@ def test_tool_rejects_bad_arguments_before_measuring(tmp_path):
     res = subprocess.run(run + ['--batch', '0'], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode != 0 and 'batch must be >= 1' in res.stderr
     assert set(METHODS) >= {'Floor', 'FLoRA-ref', 'Full'}
+
+
+def test_rebuilt_adapter_inputs_are_exactly_what_is_no_longer_kept():
+    """ConvNeXt-V2 with linear MLPs (tiny): keeping the adapters' inputs costs exactly fc1's
+    input (C channels) plus fc2's (4C) at every position of every block, and Floor (no
+    adapters) is unchanged by the setting."""
+    batch, size = 2, 64
+    depths, dims = CONVNEXTV2_ARCHS['tiny']
+    expected = sum(depth * batch * (size // 4 // 2 ** stage) ** 2 * 5 * dim * 4
+                   for stage, (depth, dim) in enumerate(zip(depths, dims))) / 2 ** 20
+    saved = {}
+    for rebuild in (True, False):
+        cfg = BenchConfig(arch='tiny', batch=batch, size=size, recompute_adapter_inputs=rebuild)
+        saved[rebuild] = {m: saved_activation_mib(TrainCase(m, cfg)) for m in ('Floor', 'FLoRA')}
+    assert saved[True]['Floor'] == saved[False]['Floor']
+    assert saved[False]['FLoRA'] - saved[True]['FLoRA'] == pytest.approx(expected, abs=1e-9)

@@ -38,6 +38,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument('--compile', action='store_true', help='torch.compile every backbone')
     p.add_argument('--no-memory', action='store_true', help='skip the peak-memory processes')
     p.add_argument('--no-inference', action='store_true', help='skip merged inference')
+    p.add_argument('--keep-adapter-inputs', action='store_true',
+                   help='adapters keep their inputs for backward instead of rebuilding them '
+                        '(the memory/time trade-off of recompute_adapter_inputs)')
     p.add_argument('--malloc-as-launched', action='store_true',
                    help="leave glibc malloc's settings alone (default: the documented tuning)")
     p.add_argument('--json', metavar='OUT', help='write every figure and the setting as JSON')
@@ -58,7 +61,8 @@ def main() -> None:
                           bf16=args.bf16, compile=args.compile, clock=args.clock,
                           threads=args.threads, memory=not args.no_memory,
                           inference=not args.no_inference,
-                          tune_malloc=not args.malloc_as_launched)
+                          tune_malloc=not args.malloc_as_launched,
+                          recompute_adapter_inputs=not args.keep_adapter_inputs)
     except ValueError as err:
         sys.exit(f'error: {err}')
     result = run_benchmark(cfg, progress=lambda msg: print(f'  {msg}', file=sys.stderr,

@@ -98,6 +98,8 @@ class BenchConfig:
     #: torch's intra-op threads (None: torch's default). On an oversubscribed machine every
     #: parallel region waits for a descheduled thread, which makes small ops cost milliseconds
     threads: int | None = None
+    #: ConvNeXtV2(recompute_adapter_inputs=...): False keeps the adapters' inputs (to compare)
+    recompute_adapter_inputs: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -177,7 +179,9 @@ class TrainCase:
         self.method = method
         self.device = cfg.resolved_device()
         torch.manual_seed(cfg.seed)
-        backbone = ConvNeXtV2(arch=cfg.arch, out_indices=(3,)).to(self.device)
+        backbone = ConvNeXtV2(arch=cfg.arch, out_indices=(3,),
+                              recompute_adapter_inputs=cfg.recompute_adapter_inputs
+                              ).to(self.device)
         inject_adapters(backbone, method_configs()[method])
         self.trainable = count_parameters(backbone)['trainable']
         self.backbone = backbone
@@ -334,20 +338,19 @@ def _peak_memory_worker(method: str, cfg_dict: dict) -> dict[str, float]:
             f.write('5')
         start = _status_mib('VmRSS')
     case = TrainCase(method, cfg)
-    for _ in range(2):  # AdamW's state exists from the first step on
+    for _ in range(3):  # AdamW's state exists from the first step on
         case.step()
     _sync(device)
     if device.type == 'cuda':
-        case.step()
-        _sync(device)
         return dict(allocated=torch.cuda.max_memory_allocated(device) / 2 ** 20)
+    rss = _status_mib('VmHWM') - start  # before the profiler's own allocations
     # the CPU twin of CUDA's peak allocated: what outlives a step plus the step's own peak.
     # Gradients and the input's gradient are dropped first so that the step frees nothing
     # the profiler did not see allocated.
     case.opt.zero_grad(set_to_none=True)
     case.x.grad = None
     allocated = _live_bytes(case) + _step_peak_bytes(case)
-    return dict(allocated=allocated / 2 ** 20, rss=_status_mib('VmHWM') - start)
+    return dict(allocated=allocated / 2 ** 20, rss=rss)
 
 
 def peak_memory_mib(method: str, cfg: BenchConfig) -> dict[str, float]:
@@ -356,8 +359,18 @@ def peak_memory_mib(method: str, cfg: BenchConfig) -> dict[str, float]:
     profiler's allocation records) and on the CPU ``rss``, the peak resident set above the
     process's size before the model was built (allocator overheads included)."""
     ctx = multiprocessing.get_context('spawn')
-    with ctx.Pool(1) as pool:
-        return pool.apply(_peak_memory_worker, (method, asdict(cfg)))
+    # the child's profiler (kineto) would print its start/stop stages to stderr: silence them
+    # in the child only (it reads the variable when torch loads)
+    previous = os.environ.get('KINETO_LOG_LEVEL')
+    os.environ['KINETO_LOG_LEVEL'] = '6'
+    try:
+        with ctx.Pool(1) as pool:
+            return pool.apply(_peak_memory_worker, (method, asdict(cfg)))
+    finally:
+        if previous is None:
+            del os.environ['KINETO_LOG_LEVEL']
+        else:
+            os.environ['KINETO_LOG_LEVEL'] = previous
 
 
 # -- the whole benchmark --------------------------------------------------------------------
@@ -442,7 +455,9 @@ def format_table(result: BenchResult) -> str:
     cfg, mach = result.config, result.machine
     lines = [f'ConvNeXt-V2-{cfg["arch"]}, batch {cfg["batch"]} x {cfg["size"]}px, '
              f'{mach["device"]}{" bf16 autocast" if cfg["bf16"] else ""}'
-             f'{", torch.compile" if cfg["compile"] else ""}; median of {cfg["rounds"]} '
+             f'{", torch.compile" if cfg["compile"] else ""}'
+             f'{"" if cfg.get("recompute_adapter_inputs", True) else ", adapters keep inputs"}'
+             f'; median of {cfg["rounds"]} '
              f'interleaved rounds after {cfg["warmup"]} warm-up; ratios on the {cfg["clock"]} '
              'clock',
              f'{mach["cpu"]} ({mach["cpu_count"]} cores, {mach["torch_threads"]} torch threads)'
