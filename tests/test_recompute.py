@@ -213,3 +213,16 @@ def test_block_forward_is_timms_block(arch, size):
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gx_ours, gx_theirs, rtol=1e-4, atol=1e-4)
     assert not torch.equal(ours, x)  # the block did something
+
+
+def test_hooks_on_a_block_still_run():
+    """A block with hooks is called as a module (timm's forward, hooks run); the others keep
+    the lean path."""
+    model = _adapted('atto', 'FLoRA')
+    calls = []
+    model.stages[1].blocks[0].register_forward_hook(lambda m, a, o: calls.append(o.shape))
+    model.recompute_stats = stats = RecomputeStats()
+    sum(o.sum() for o in model(torch.randn(1, 3, 64, 64))).backward()
+    assert len(calls) == 1
+    blocks = sum(len(s.blocks) for s in model.stages)
+    assert stats.replaced == 2 * (blocks - 1)

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from flora_mm.registry import MODELS
 
 from ..peft.base import AdapterLayer
-from ..peft.recompute import RecomputeStats, run_with_recomputed_input
+from ..peft.recompute import RecomputeStats, has_call_hooks, run_with_recomputed_input
 
 from ._checkpoint import (DEFAULT_MIN_LOADED_SHARE, init_weights_from_cfg, load_by_keys,
                           read_state_dict, select_prefix)
@@ -212,10 +212,11 @@ class ConvNeXtV2(BaseModule):
 
 
 def _is_grn_block(block: nn.Module) -> bool:
-    """A timm ConvNeXt-V2 block of the layout ``_block_forward`` computes."""
+    """A timm ConvNeXt-V2 block of the layout ``_block_forward`` computes, without hooks
+    (and not an FSDP2 unit, whose class fully_shard replaced): others run their own forward."""
     return (type(block) is ConvNeXtBlock and type(block.mlp) is GlobalResponseNormMlp
             and type(block.mlp.grn) is GlobalResponseNorm
-            and isinstance(block.shortcut, nn.Identity))
+            and isinstance(block.shortcut, nn.Identity) and not has_call_hooks(block))
 
 
 def _block_forward(block: ConvNeXtBlock, x: torch.Tensor, lean: bool = False,

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from flora_mm.registry import MODELS
 
 from ..peft.base import AdapterLayer
-from ..peft.recompute import RecomputeStats, run_with_recomputed_input
+from ..peft.recompute import RecomputeStats, has_call_hooks, run_with_recomputed_input
 
 from ._checkpoint import (DEFAULT_MIN_LOADED_SHARE, init_weights_from_cfg, load_by_keys,
                           read_state_dict, select_prefix)
@@ -290,8 +290,8 @@ def hf_to_internvl(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 def _has_adapters(block: nn.Module) -> bool:
     """A timm ViT block of the layout ``_lean_block_forward`` replicates, with an adapter on
-    qkv, fc1 or fc2 (other layouts run timm's own forward)."""
-    if type(block) is not Block or type(block.mlp) is not Mlp:
+    qkv, fc1 or fc2, without hooks and not an FSDP2 unit (those run timm's own forward)."""
+    if type(block) is not Block or type(block.mlp) is not Mlp or has_call_hooks(block):
         return False
     return any(isinstance(m, AdapterLayer) for m in (block.attn.qkv, block.mlp.fc1,
                                                       block.mlp.fc2))

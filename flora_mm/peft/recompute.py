@@ -101,3 +101,18 @@ def run_with_recomputed_input(fn: Callable[[torch.Tensor], torch.Tensor], x: tor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         return fn(x)
+
+
+def has_call_hooks(module: torch.nn.Module) -> bool:
+    """Whether calling ``module`` would run hooks (its own or torch's global module hooks).
+
+    The backbones compute some blocks' forward themselves instead of calling the block; they
+    do so only for blocks without hooks, so nothing registered on a block is skipped (FSDP2
+    units also change class, which the backbones' exact type checks already exclude).
+    """
+    from torch.nn.modules import module as torch_module
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or torch_module._global_forward_hooks
+                or torch_module._global_forward_pre_hooks
+                or torch_module._global_backward_hooks
+                or torch_module._global_backward_pre_hooks)
