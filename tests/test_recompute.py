@@ -226,3 +226,13 @@ def test_hooks_on_a_block_still_run():
     assert len(calls) == 1
     blocks = sum(len(s.blocks) for s in model.stages)
     assert stats.replaced == 2 * (blocks - 1)
+
+
+def test_helper_refuses_a_rebuild_of_another_layout():
+    """Saved views are re-cut by stride: a rebuild in another layout would be read wrongly."""
+    src = torch.randn(4, 6)
+    w = torch.randn(3, 4, requires_grad=True)
+    y = run_with_recomputed_input(lambda z: F.linear(z, w), (src * 2).t(),
+                                  lambda: (src * 2).t().contiguous(), (src,))
+    with pytest.raises(RuntimeError, match='same tensor layout'):
+        y.sum().backward()

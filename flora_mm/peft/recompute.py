@@ -63,6 +63,7 @@ def run_with_recomputed_input(fn: Callable[[torch.Tensor], torch.Tensor], x: tor
     base_offset = x.storage_offset()
     x_device = x.device
     device = x_device.type
+    geometry = (tuple(x.shape), tuple(x.stride()), x.dtype)
     autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
     guards = [(s, s._version) for s in sources]
 
@@ -73,7 +74,14 @@ def run_with_recomputed_input(fn: Callable[[torch.Tensor], torch.Tensor], x: tor
                     'a tensor an adapter input is recomputed from was modified in place '
                     'between forward and backward; the recomputed input would be wrong')
         with torch.no_grad(), torch.autocast(device, dtype=autocast[1], enabled=autocast[0]):
-            return recompute()
+            fresh = recompute()
+        # the saved views are re-cut from the rebuilt tensor by their strides and offsets
+        if (tuple(fresh.shape), tuple(fresh.stride()), fresh.dtype) != geometry:
+            raise RuntimeError(
+                f'the recomputed adapter input has shape/stride/dtype '
+                f'{(tuple(fresh.shape), tuple(fresh.stride()), fresh.dtype)}, forward had '
+                f'{geometry}: recompute() must return the same tensor layout')
+        return fresh
 
     def pack(t: torch.Tensor):
         if (isinstance(t, torch.nn.Parameter) or t.device != x_device
