@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from flora_mm.registry import MODELS
 
+from ..ops import depthwise_conv2d, uses_shifted_weight_grad
 from ..peft.base import AdapterLayer
 from ..peft.recompute import RecomputeStats, has_call_hooks, run_with_recomputed_input
 
@@ -231,7 +232,11 @@ def _block_forward(block: ConvNeXtBlock, x: torch.Tensor, lean: bool = False,
       anyway; gradients are bit-identical to keeping them.
     """
     shortcut = x
-    x = block.conv_dw(x)
+    conv = block.conv_dw
+    if uses_shifted_weight_grad(conv, x, conv.weight) and not has_call_hooks(conv):
+        x = depthwise_conv2d(x, conv.weight, conv.bias, conv.padding)  # Full: its weight trains
+    else:
+        x = conv(x)  # adapted convs choose the same kernel in their own forward
     if not block.use_conv_mlp:
         x = x.permute(0, 2, 3, 1)
     mlp, grn = block.mlp, block.mlp.grn
