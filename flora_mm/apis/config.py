@@ -19,7 +19,7 @@ import torch
 from mmengine.config import Config, ConfigDict, DictAction
 from mmengine.logging import print_log
 
-from ..utils import SCOPES, register_task_modules
+from ..utils import SCOPES, config_dicts, register_task_modules
 
 LAUNCHERS = ('none', 'pytorch', 'slurm', 'mpi')
 CFG_OPTIONS_HELP = (
@@ -106,15 +106,10 @@ def replace_sync_bn(node: Any) -> int:
 
     SyncBatchNorm needs CUDA in distributed mode and a process group at all."""
     count = 0
-    if isinstance(node, dict):
-        if node.get('type') in ('SyncBN', 'MMSyncBN'):
-            node['type'] = 'BN'
+    for sub in config_dicts(node):
+        if sub.get('type') in ('SyncBN', 'MMSyncBN'):
+            sub['type'] = 'BN'
             count += 1
-        for value in node.values():
-            count += replace_sync_bn(value)
-    elif isinstance(node, (list, tuple)):
-        for value in node:
-            count += replace_sync_bn(value)
     return count
 
 

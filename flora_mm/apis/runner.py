@@ -17,6 +17,7 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 from ..engine.checkpoint import mmengine_checkpoint_globals
+from ..utils import config_dicts
 from .config import (adapt_to_cpu_distributed, get_scope, init_cpu_process_group,
                      load_runner_config)
 from .model import is_flora_hook
@@ -163,16 +164,7 @@ def add_dump_metric(runner: Runner, scope: str, out: str) -> None:
 
 def _peft_backbones(node) -> list:
     """Every ``type='PEFTBackbone'`` dict in a model config (also inside a TTA wrapper)."""
-    found = []
-    if isinstance(node, dict):
-        if node.get('type') == 'PEFTBackbone':
-            found.append(node)
-        for value in node.values():
-            found += _peft_backbones(value)
-    elif isinstance(node, (list, tuple)):
-        for value in node:
-            found += _peft_backbones(value)
-    return found
+    return [sub for sub in config_dicts(node) if sub.get('type') == 'PEFTBackbone']
 
 
 def use_checkpoint(cfg: Config, checkpoint: str) -> None:
