@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from flora_mm.registry import MODELS
 
-from ..ops import depthwise_conv2d, uses_shifted_weight_grad
+from ..ops import conv2d_forward
 from ..peft.base import AdapterLayer
 from ..peft.recompute import RecomputeStats, has_call_hooks, run_with_recomputed_input
 
@@ -233,10 +233,11 @@ def _block_forward(block: ConvNeXtBlock, x: torch.Tensor, lean: bool = False,
     """
     shortcut = x
     conv = block.conv_dw
-    if uses_shifted_weight_grad(conv, x, conv.weight) and not has_call_hooks(conv):
-        x = depthwise_conv2d(x, conv.weight, conv.bias, conv.padding)  # Full: its weight trains
+    if type(conv) is nn.Conv2d and not has_call_hooks(conv):
+        # a plain conv (Full trains its weight) gets the kernel choice adapted convs make
+        x = conv2d_forward(conv, x, conv.weight, conv.bias)
     else:
-        x = conv(x)  # adapted convs choose the same kernel in their own forward
+        x = conv(x)
     if not block.use_conv_mlp:
         x = x.permute(0, 2, 3, 1)
     mlp, grn = block.mlp, block.mlp.grn

@@ -40,6 +40,15 @@ def uses_shifted_weight_grad(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Ten
     return 0 < positions <= SHIFTED_WEIGHT_GRAD_MAX_POSITIONS
 
 
+def conv2d_forward(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """``conv``'s own computation with ``weight`` and ``bias``, through ``depthwise_conv2d``
+    where that serves it (``uses_shifted_weight_grad``), else through ``conv._conv_forward``."""
+    if uses_shifted_weight_grad(conv, x, weight):
+        return depthwise_conv2d(x, weight, bias, conv.padding)
+    return conv._conv_forward(x, weight, bias)
+
+
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                      padding: tuple[int, int]) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, 1, padding, 1, groups=channels)``; backward computes the

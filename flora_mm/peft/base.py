@@ -22,7 +22,7 @@ from mmengine.logging import print_log
 from torch import nn
 from torch.func import functional_call
 
-from ..ops import depthwise_conv2d, uses_shifted_weight_grad
+from ..ops import conv2d_forward
 
 # Layer kinds a config may name in ``targets.types``; subclasses (mmcv/mmengine wrappers, timm's
 # same-padding convs) match through isinstance.
@@ -140,8 +140,8 @@ class AdapterLayer(nn.Module):
         if self._direct:
             if self.kind == 'Linear':
                 return F.linear(x, weight, bias)
-            if self.kind == 'Conv2d' and uses_shifted_weight_grad(self.base_layer, x, weight):
-                return depthwise_conv2d(x, weight, bias, self.base_layer.padding)
+            if self.kind == 'Conv2d':
+                return conv2d_forward(self.base_layer, x, weight, bias)
             return self.base_layer._conv_forward(x, weight, bias)
         params = {'weight': weight}
         if bias is not None:
