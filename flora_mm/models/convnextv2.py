@@ -62,11 +62,11 @@ class ConvNeXtV2(BaseModule):
             inputs (the LayerNorm and GRN outputs) in backward instead of keeping them, so an
             adapted block keeps what a frozen one keeps, for one element-wise pass each
             (docs/performance.md). Gradients are bit-identical either way.
-
-    The blocks run ``_block_forward``: timm's block with GRN computed in one pass.
         init_cfg: ``dict(type='Pretrained', checkpoint=LOCAL_PATH[, prefix='backbone.'])`` loads
             a local checkpoint in timm or official ConvNeXt-V2/FCMAE key layout; other mmengine
             init configs are applied as usual.
+
+    The blocks run ``_block_forward``: timm's block with GRN computed in one pass.
     """
 
     def __init__(self,
