@@ -22,7 +22,7 @@ from mmengine.logging import print_log
 from torch import nn
 from torch.func import functional_call
 
-from ..ops import conv2d_forward
+from ..ops import conv2d_forward, factored_linear
 
 # Layer kinds a config may name in ``targets.types``; subclasses (mmcv/mmengine wrappers, timm's
 # same-padding convs) match through isinstance.
@@ -220,8 +220,14 @@ class AdapterLayer(nn.Module):
         out_features, in_features = self.weight.shape
         lead = x.shape[:-1]
         rows = x_update.reshape(-1, in_features)
-        if not torch.is_autocast_enabled(rows.device.type):
+        autocast = torch.is_autocast_enabled(rows.device.type)
+        if not autocast:
             rows = rows.to(down.dtype)  # fp32 adapters on a low-precision backbone; else no copy
+            if (self._direct and x_update is x and rows.dtype == self.weight.dtype == up.dtype
+                    and (self.bias is None or self.bias.dtype == rows.dtype)):
+                # one dtype throughout: the fused op (fewer full-size passes in backward)
+                return factored_linear(rows, self.weight, self.bias, down, up).view(
+                    *lead, out_features)
         h = rows @ down
         if self._direct:
             # 2-D and not a view: in-place on a view would make autograd copy the gradient
