@@ -3,6 +3,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import asdict
 
 import pytest
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flora_mm.apis.benchmark import (METHODS, BenchConfig, TrainCase, _step_peak_bytes,
-                                     format_table, interleaved_times, method_configs,
+                                     balanced_orders, format_table, interleaved_times, method_configs,
                                      peak_memory_mib, plot_result, run_benchmark,
                                      saved_activation_mib, tune_glibc_malloc)
 from flora_mm.models.convnextv2 import CONVNEXTV2_ARCHS
@@ -48,13 +49,26 @@ def test_reference_form_computes_flora_with_a_second_op(layer, shape, monkeypatc
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_interleaving_rotates_the_order_and_drops_the_warmup():
+@pytest.mark.parametrize('n', range(1, 10))
+def test_orders_are_a_balanced_latin_square(n):
+    rows = balanced_orders(n)
+    assert len(rows) == (2 * n if n % 2 and n > 1 else n)
+    assert all(sorted(row) == list(range(n)) for row in rows)
+    for position in range(n):  # every index equally often in every position
+        assert Counter(row[position] for row in rows) == Counter(
+            {i: len(rows) // n for i in range(n)})
+    follows = Counter((a, b) for row in rows for a, b in zip(row, row[1:]))
+    assert set(follows) == {(a, b) for a in range(n) for b in range(n) if a != b}
+    assert len(set(follows.values())) <= 1  # every ordered pair equally often
+
+
+def test_interleaving_follows_the_orders_and_drops_the_warmup():
     calls = []
-    fns = {n: (lambda n=n: calls.append(n)) for n in 'abc'}
-    times = interleaved_times(fns, rounds=3, warmup=1, device=torch.device('cpu'))
-    assert calls == list('abc' 'bca' 'cab' 'abc')
+    fns = {n: (lambda n=n: calls.append(n)) for n in 'abcd'}
+    times = interleaved_times(fns, rounds=4, warmup=1, device=torch.device('cpu'))
+    assert calls == list('abdc' 'bcad' 'cdba' 'dacb' 'abdc')
     assert {n: (len(t['wall']), len(t['cpu'])) for n, t in times.items()} == {
-        'a': (3, 3), 'b': (3, 3), 'c': (3, 3)}
+        n: (4, 4) for n in 'abcd'}
     assert all(t >= 0 for ts in times.values() for clock in ts.values() for t in clock)
 
 

@@ -1,9 +1,10 @@
 """Cost of a training step per PEFT method, against the physical limit (``tools/benchmark.py``).
 
-Every method is built once in ONE process and timed interleaved over rounds (the order rotates
-each round), so load from other processes on a shared machine falls on all of them alike; the
-first rounds are a warm-up and each method's figure is its median over the rest. Ratios are
-taken within the run, to:
+Every method is built once in ONE process and timed interleaved over rounds (in the orders of
+a balanced Latin square: each method in each position and after each other method alike), so
+load from other processes on a shared machine falls on all of them alike; the first rounds are
+a warm-up and each method's figure is its median over the rest. Ratios are taken within the
+run, to:
 
 * ``Floor``: the frozen backbone with gradients flowing to the input. That is the forward pass
   plus the input gradients, which every adapter method must pay: the physical limit;
@@ -220,18 +221,32 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
+def balanced_orders(n: int) -> list[list[int]]:
+    """Rows of a balanced Latin square (Williams design) on ``range(n)``: over the rows every
+    index runs once in each position and directly after every other index equally often
+    (n rows for even n, 2n for odd n). A step's time can depend on the step before it (caches,
+    the allocator's free lists); a plain rotation keeps the cyclic order, so each method would
+    always follow the same one."""
+    first, low, high = [0], 1, n - 1
+    while len(first) < n:
+        first.append(low if len(first) % 2 else high)
+        low, high = (low + 1, high) if len(first) % 2 == 0 else (low, high - 1)
+    rows = [[(v + shift) % n for v in first] for shift in range(n)]
+    return rows + [row[::-1] for row in rows] if n % 2 and n > 1 else rows
+
+
 def interleaved_times(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int,
                       device: torch.device, progress: Callable[[str], None] | None = None
                       ) -> dict[str, dict[str, list[float]]]:
     """Seconds per call of each function, ``{name: {'wall': [...], 'cpu': [...]}}``:
-    ``warmup + rounds`` rounds, each calling every function once in an order rotated by one
-    per round; warm-up rounds are dropped."""
+    ``warmup + rounds`` rounds, each calling every function once in the order of the next row
+    of ``balanced_orders``; warm-up rounds are dropped."""
     names = list(fns)
+    orders = balanced_orders(len(names))
     times: dict[str, dict[str, list[float]]] = {n: dict(wall=[], cpu=[]) for n in names}
     last: dict[str, float] = {}
     for r in range(warmup + rounds):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
+        for name in (names[i] for i in orders[r % len(orders)]):
             wall, cpu = _timed(fns[name], device)
             last[name] = wall
             if r >= warmup:
