@@ -131,6 +131,29 @@ def test_small_run_rows_ratios_and_outputs(tmp_path):
         assert (tmp_path / 'bench.png').read_bytes()[:4] == b'\x89PNG'
 
 
+def test_compile_run_times_each_backbone_beside_its_eager_twin(monkeypatch):
+    """--compile: every compiled backbone gets an eager twin stepped in the same rounds, and the
+    row carries both and their ratio. Dynamo traces for real; its 'eager' backend skips
+    inductor's code generation, which takes minutes on the CI machine (tests/test_compile.py
+    covers that)."""
+    compiled_models = []
+    real = torch.compile
+
+    def dynamo_only(model, **kw):
+        compiled_models.append(model)
+        return real(model, backend='eager', **kw)
+
+    monkeypatch.setattr(torch, 'compile', dynamo_only)
+    cfg = BenchConfig(arch='atto', batch=2, size=32, rounds=2, warmup=1,
+                      methods=('Floor', 'FLoRA'), memory=False, inference=False, compile=True)
+    result = run_benchmark(cfg)
+    assert len(compiled_models) == 2  # the twins run eager
+    for row in result.rows:
+        assert len(row['eager_times']['wall']) == len(row['times']['wall']) == 2
+        assert row['compiled_x_eager'] == pytest.approx(row['s_step'] / row['eager_s_step'])
+    assert 'compiled x eager' in format_table(result)
+
+
 def test_peak_memory_counts_what_a_method_keeps():
     """Full keeps gradients and two AdamW moments of every weight: 3 x 13 MiB on atto."""
     cfg = BenchConfig(arch='atto', batch=2, size=32)

@@ -35,7 +35,9 @@ def parse_args() -> argparse.Namespace:
                    help='clock of the ratios; cpu (process CPU time) for a shared CPU machine')
     p.add_argument('--threads', type=int, help="torch's intra-op threads (default: torch's)")
     p.add_argument('--bf16', action='store_true', help='bf16 autocast (CUDA)')
-    p.add_argument('--compile', action='store_true', help='torch.compile every backbone')
+    p.add_argument('--compile', action='store_true',
+                   help='torch.compile every backbone; each is timed beside its eager twin in '
+                        'the same rounds (column compiled x eager)')
     p.add_argument('--no-memory', action='store_true', help='skip the peak-memory processes')
     p.add_argument('--no-inference', action='store_true', help='skip merged inference')
     p.add_argument('--keep-adapter-inputs', action='store_true',

@@ -76,6 +76,8 @@ def method_configs() -> dict[str, dict | PEFTMethod]:
 
 
 METHODS: tuple[str, ...] = tuple(method_configs())
+#: name prefix of the eager twins a --compile run times beside the compiled backbones
+EAGER = 'eager '
 LABELS = {'Floor': 'Floor (frozen, input grads)', 'FLoRA-ref': 'FLoRA (reference form)'}
 
 
@@ -176,7 +178,8 @@ class TrainCase:
     """Backbone + linear head + AdamW for one method, with a fixed batch; ``step()`` is one
     training step (forward, loss, backward, optimizer step)."""
 
-    def __init__(self, method: str, cfg: BenchConfig) -> None:
+    def __init__(self, method: str, cfg: BenchConfig, compiled: bool | None = None) -> None:
+        """``compiled``: torch.compile the backbone (default: ``cfg.compile``)."""
         self.method = method
         self.device = cfg.resolved_device()
         torch.manual_seed(cfg.seed)
@@ -186,7 +189,8 @@ class TrainCase:
         inject_adapters(backbone, method_configs()[method])
         self.trainable = count_parameters(backbone)['trainable']
         self.backbone = backbone
-        self.model: Callable = torch.compile(backbone) if cfg.compile else backbone
+        compiled = cfg.compile if compiled is None else compiled
+        self.model: Callable = torch.compile(backbone) if compiled else backbone
         self.head = nn.Linear(backbone.out_channels[-1], 10).to(self.device)
         params = [p for p in backbone.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params + list(self.head.parameters()), lr=1e-4)
@@ -426,12 +430,14 @@ def run_benchmark(cfg: BenchConfig, progress: Callable[[str], None] | None = Non
     cases = {}
     for method in cfg.methods:
         cases[method] = TrainCase(method, cfg)
+        if cfg.compile:  # its eager twin, timed in the same rounds: what compiling gains
+            cases[EAGER + method] = TrainCase(method, cfg, compiled=False)
         if progress:
             progress(f'built {method}')
     times = interleaved_times({m: c.step for m, c in cases.items()}, cfg.rounds, cfg.warmup,
                               device, progress)
     trainable = {m: c.trainable for m, c in cases.items()}
-    saved = {m: saved_activation_mib(c) for m, c in cases.items()}
+    saved = {m: saved_activation_mib(c) for m, c in cases.items() if not m.startswith(EAGER)}
     del cases
     medians = {m: {k: statistics.median(v) for k, v in t.items()} for m, t in times.items()}
     for method in cfg.methods:
@@ -439,6 +445,11 @@ def run_benchmark(cfg: BenchConfig, progress: Callable[[str], None] | None = Non
         row = dict(method=method, label=LABELS.get(method, method), trainable=trainable[method],
                    s_step=med['wall'], cpu_s_step=med['cpu'], saved_mib=saved[method],
                    times=times[method])
+        if cfg.compile:
+            eager = medians[EAGER + method]
+            row.update(eager_s_step=eager['wall'], eager_cpu_s_step=eager['cpu'],
+                       eager_times=times[EAGER + method],
+                       compiled_x_eager=med[cfg.clock] / eager[cfg.clock])
         for ref in ('Floor', 'LoRA', 'Full'):
             if ref in medians:
                 row[f'x_{ref}'] = med[cfg.clock] / medians[ref][cfg.clock]
@@ -483,8 +494,10 @@ def format_table(result: BenchResult) -> str:
     refs = [r for r in ('Floor', 'LoRA', 'Full') if any(row['method'] == r for row in result.rows)]
     mem = any('peak_mib' in row for row in result.rows)
     clock = 'CPU' if cfg['clock'] == 'cpu' else 'wall'
+    compiled = any('eager_s_step' in row for row in result.rows)
     header = ['method', 'trainable', 'wall s/step', 'CPU s/step'] + [
         f'x {r} ({clock})' for r in refs] + ['saved for backward MiB']
+    header += ['eager wall s/step', f'compiled x eager ({clock})'] if compiled else []
     rss = any('peak_rss_mib' in row for row in result.rows)
     if mem:
         header += ['peak allocated MiB'] + (['mem x Floor'] if 'Floor' in refs else [])
@@ -494,6 +507,8 @@ def format_table(result: BenchResult) -> str:
         cells = [row['label'], f'{row["trainable"]:,}', f'{row["s_step"]:.3f}',
                  f'{row["cpu_s_step"]:.3f}']
         cells += [f'{row[f"x_{r}"]:.2f}' for r in refs] + [f'{row["saved_mib"]:.0f}']
+        if compiled:
+            cells += [f'{row["eager_s_step"]:.3f}', f'{row["compiled_x_eager"]:.2f}']
         if mem:
             cells.append(f'{row["peak_mib"]:.0f}')
             if 'Floor' in refs:
