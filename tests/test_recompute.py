@@ -57,7 +57,9 @@ def test_lean_blocks_are_bit_identical(arch, size, linear_path, method):
     model.recompute_stats = stats = RecomputeStats()
     lean = _step(model, x, lean=True)
     blocks = sum(len(s.blocks) for s in model.stages)
-    assert stats.replaced == stats.recomputed == 2 * blocks  # fc1's and fc2's input per block
+    # fc1's and fc2's input per block, each saved once or, by a factored 1x1-conv adapter,
+    # twice (by the frozen conv and the update's pointwise conv): every saved view is rebuilt
+    assert stats.replaced == stats.recomputed >= 2 * blocks
     for a, b in zip(plain[0], lean[0]):
         assert torch.equal(a, b)
     assert torch.equal(plain[1], lean[1])
@@ -219,6 +221,9 @@ def test_hooks_on_a_block_still_run():
     """A block with hooks is called as a module (timm's forward, hooks run); the others keep
     the lean path."""
     model = _adapted('atto', 'FLoRA')
+    for module in model.modules():
+        if isinstance(module, AdapterLayer):
+            module.conv_path = 'materialised'  # one saved view of each input (see above)
     calls = []
     model.stages[1].blocks[0].register_forward_hook(lambda m, a, o: calls.append(o.shape))
     model.recompute_stats = stats = RecomputeStats()

@@ -32,6 +32,9 @@ LAYER_KINDS: dict[str, type[nn.Module]] = {
     'Conv2d': nn.Conv2d,
     'Conv3d': nn.Conv3d,
 }
+#: spatial dims and functional op of the conv kinds
+CONV_DIMS = {'Conv1d': 1, 'Conv2d': 2, 'Conv3d': 3}
+_CONV_FNS = {'Conv1d': F.conv1d, 'Conv2d': F.conv2d, 'Conv3d': F.conv3d}
 
 # the one attribute an injected module carries (see InjectionState); read it through
 # injection_state(), never by name
@@ -165,6 +168,13 @@ class AdapterLayer(nn.Module):
         second: the update's output is ``x @ down @ up``."""
         raise NotImplementedError
 
+    def conv_factors(self) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] | None:
+        """The update of a groups=1 conv as three convs, ``(down, kernel, up)``: ``down`` a
+        pointwise (r_in x in x 1...) or None, ``kernel`` (r_out x r_in-or-in x k...) run with the
+        layer's stride, padding and dilation, ``up`` a pointwise (out x r_out x 1...), the
+        scale folded in. None where the method has no such form."""
+        return None
+
     def adapted_weight(self) -> torch.Tensor:
         """W0 + delta, summed in the adapter's precision, in the base weight's dtype."""
         w0 = self.weight
@@ -199,6 +209,51 @@ class AdapterLayer(nn.Module):
         return in_features * out_features > self.FACTORED_MIN_RATIO * rank * (
             in_features + out_features)
 
+    #: convs: 'auto' picks the cheaper of the two exact forms per call (``uses_factored_conv``),
+    #: 'factored' or 'materialised' forces one where the layer has a factored form
+    conv_path: str = 'auto'
+
+    def uses_factored_conv(self, x: torch.Tensor) -> bool:
+        """Whether a groups=1, zero-padded conv runs ``conv(x, W0) + up(kernel(down(x)))``
+        rather than one conv with W0 + dW. The materialised form pays a full weight gradient
+        (output positions x weight size multiply-adds) and keeps W0 + dW for backward; the
+        factored one thin convs over the input and output. Same rule as the linear layers:
+        factored when positions_out * weight_size > FACTORED_MIN_RATIO * r * (x.numel() +
+        out.numel()) (ConvNeXt's downsampling convs at the late stages, where the weight is
+        large and the maps are small)."""
+        layer = self.base_layer
+        if (self.kind not in CONV_DIMS or self.conv_path == 'materialised' or not self._direct
+                or layer.groups != 1 or layer.padding_mode != 'zeros'
+                or not isinstance(layer.padding, tuple)):
+            return False
+        factors = self.conv_factors()
+        if factors is None:
+            return False
+        if self.conv_path == 'factored':
+            return True
+        dims = CONV_DIMS[self.kind]
+        out_size = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s in zip(
+            x.shape[-dims:], layer.padding, layer.dilation, layer.kernel_size, layer.stride)]
+        positions_out = math.prod(out_size) * (x.numel() // math.prod(x.shape[-dims - 1:]))
+        rank = max(factors[1].shape[:2]) if factors[0] is not None else factors[1].shape[0]
+        return positions_out * self.weight.numel() > self.FACTORED_MIN_RATIO * rank * (
+            x.numel() + positions_out * self.weight.shape[0])
+
+    def _factored_conv(self, x: torch.Tensor, x_update: torch.Tensor) -> torch.Tensor:
+        """``base(x) + up(kernel(down(x_update)))``; the update added into the base output in
+        place (a conv does not keep its output for backward)."""
+        down, kernel, up = self.conv_factors()
+        conv = _CONV_FNS[self.kind]
+        h = x_update if torch.is_autocast_enabled(x.device.type) else x_update.to(kernel.dtype)
+        if down is not None:
+            h = conv(h, down)
+        h = self.base_layer._conv_forward(h, kernel, None)
+        out = self.base_op(x, self.weight, self.bias)
+        update = conv(h, up)
+        if update.dtype == out.dtype:
+            return out.add_(update)
+        return out + update.to(out.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_op(x, self.weight, self.bias)
@@ -206,6 +261,8 @@ class AdapterLayer(nn.Module):
         if self.kind == 'Linear' and self.factored_rank() is not None and (
                 dropout or self.uses_factored_linear()):
             return self._factored_linear(x, self.dropout(x))  # nn.Dropout: no-op in eval
+        if self.kind != 'Linear' and self.uses_factored_conv(x):
+            return self._factored_conv(x, self.dropout(x))
         if dropout:
             # dropout acts on the update's input only: this costs a second op with the update
             delta = self.delta_weight()

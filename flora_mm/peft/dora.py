@@ -53,6 +53,9 @@ class DoRALayer(LoRALayer):
     def factored_rank(self) -> None:
         return None  # the norm needs the full matrix: run one op with W'
 
+    def conv_factors(self) -> None:
+        return None  # likewise
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_op(x, self.weight, self.bias)

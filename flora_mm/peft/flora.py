@@ -32,7 +32,9 @@ FLORA_INITS = ('kaiming', 'unit')
 class FLoRALayer(AdapterLayer):
     """FLoRA adapter on a Linear or Conv{1,2,3}d layer.
 
-    Conv: one convolution with W0 + s*dW (dW is built from the small factors each forward).
+    Conv: one convolution with W0 + s*dW (dW is built from the small factors each forward);
+    wide groups=1 convs on small maps run W0 and the update as pointwise-core-pointwise convs
+    instead (``uses_factored_conv``).
     Linear: wide layers run x W0^T + (x U_2)(s U_1 G)^T and never build an out x in matrix;
     narrow ones one GEMM with W0 + s*dW, which is cheaper there (``uses_factored_linear``).
     """
@@ -96,6 +98,20 @@ class FLoRALayer(AdapterLayer):
         (s U_1 G)^T (r2 x out); the core and the scale go into the small matrix."""
         out_factor, in_factor = self.flora_factors  # (out, r1), (in, r2)
         return in_factor, (self.scale * (out_factor @ self.flora_core)).transpose(0, 1)
+
+
+    def conv_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """conv(x, s dW) = up(kernel(down(x))): down = U_2^T as a pointwise conv (in -> r2),
+        kernel = s G x_3 U_3 ... (r1 x r2 x k...: the core with its spatial modes expanded),
+        up = U_1 as a pointwise conv (r1 -> out). Exact for groups=1 with zero padding: the
+        pointwise maps commute with it."""
+        out_factor, in_factor, *spatial = self.flora_factors
+        kernel = self.flora_core
+        for mode, factor in enumerate(spatial, start=2):
+            kernel = _mode_product(kernel, factor, mode)
+        ones = (1,) * len(spatial)
+        return (in_factor.transpose(0, 1).reshape(*in_factor.shape[::-1], *ones),
+                self.scale * kernel, out_factor.reshape(*out_factor.shape, *ones))
 
 
 def tucker_product(core: torch.Tensor, factors: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -54,6 +54,15 @@ class LoRALayer(AdapterLayer):
     def factored_rank(self) -> int | None:
         return self.rank if self.kind == 'Linear' else None
 
+    def conv_factors(self) -> tuple[None, torch.Tensor, torch.Tensor] | None:
+        """conv(x, dW) = up(kernel(x)): kernel = A as an r-channel conv with the layer's
+        geometry, up = scaling B as a pointwise conv (peft's LoRA conv)."""
+        if self.kind == 'Linear':
+            return None
+        ones = (1,) * (self.weight.dim() - 2)
+        return (None, self.lora_A.view(self.rank, *self.weight.shape[1:]),
+                (self.scaling * self.lora_B).view(*self.lora_B.shape, *ones))
+
     def linear_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """x dW^T = (x A^T)(scaling B)^T: down = A^T (in x r), up = (scaling B)^T (r x out)."""
         return self.lora_A.transpose(0, 1), (self.scaling * self.lora_B).transpose(0, 1)
