@@ -131,6 +131,15 @@ def test_auto_rule_picks_factored_for_large_weights_on_small_maps():
                     > 16 * 16 * (x.numel() + out.numel())) == factored
 
 
+@pytest.mark.parametrize('method', list(CFGS))
+def test_rule_computes_nothing(method, monkeypatch):
+    """Deciding must not build the factors: a graph built and dropped in forward costs time,
+    and its saved tensors' freed addresses confuse storage-based accounting."""
+    model, x = adapted(method, 'conv2d_s2')
+    monkeypatch.setattr(type(model[0]), 'conv_factors', lambda self: pytest.fail('built'))
+    model[0].uses_factored_conv(x)
+
+
 def test_dora_keeps_one_conv():
     model = nn.Sequential(nn.Conv2d(768, 1536, 2, stride=2))
     inject_adapters(model, dict(type='DoRA', rank=16, targets=dict(types=['Conv2d'])))

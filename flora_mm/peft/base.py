@@ -168,6 +168,11 @@ class AdapterLayer(nn.Module):
         second: the update's output is ``x @ down @ up``."""
         raise NotImplementedError
 
+    def factored_conv_rank(self) -> int | None:
+        """Widest inner size of ``conv_factors()`` (read without computing them); None where
+        the method has no factored conv form."""
+        return None
+
     def conv_factors(self) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] | None:
         """The update of a groups=1 conv as three convs, ``(down, kernel, up)``: ``down`` a
         pointwise (r_in x in x 1...) or None, ``kernel`` (r_out x r_in-or-in x k...) run with the
@@ -226,8 +231,8 @@ class AdapterLayer(nn.Module):
                 or layer.groups != 1 or layer.padding_mode != 'zeros'
                 or not isinstance(layer.padding, tuple)):
             return False
-        factors = self.conv_factors()
-        if factors is None:
+        rank = self.factored_conv_rank()
+        if rank is None:
             return False
         if self.conv_path == 'factored':
             return True
@@ -235,7 +240,6 @@ class AdapterLayer(nn.Module):
         out_size = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s in zip(
             x.shape[-dims:], layer.padding, layer.dilation, layer.kernel_size, layer.stride)]
         positions_out = math.prod(out_size) * (x.numel() // math.prod(x.shape[-dims - 1:]))
-        rank = max(factors[1].shape[:2]) if factors[0] is not None else factors[1].shape[0]
         return positions_out * self.weight.numel() > self.FACTORED_MIN_RATIO * rank * (
             x.numel() + positions_out * self.weight.shape[0])
 

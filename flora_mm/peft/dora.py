@@ -53,7 +53,7 @@ class DoRALayer(LoRALayer):
     def factored_rank(self) -> None:
         return None  # the norm needs the full matrix: run one op with W'
 
-    def conv_factors(self) -> None:
+    def factored_conv_rank(self) -> None:
         return None  # likewise
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -100,6 +100,9 @@ class FLoRALayer(AdapterLayer):
         return in_factor, (self.scale * (out_factor @ self.flora_core)).transpose(0, 1)
 
 
+    def factored_conv_rank(self) -> int | None:
+        return max(self.ranks[:2]) if self.kind != 'Linear' else None
+
     def conv_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """conv(x, s dW) = up(kernel(down(x))): down = U_2^T as a pointwise conv (in -> r2),
         kernel = s G x_3 U_3 ... (r1 x r2 x k...: the core with its spatial modes expanded),

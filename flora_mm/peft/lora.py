@@ -54,6 +54,9 @@ class LoRALayer(AdapterLayer):
     def factored_rank(self) -> int | None:
         return self.rank if self.kind == 'Linear' else None
 
+    def factored_conv_rank(self) -> int | None:
+        return self.rank if self.kind != 'Linear' else None
+
     def conv_factors(self) -> tuple[None, torch.Tensor, torch.Tensor] | None:
         """conv(x, dW) = up(kernel(x)): kernel = A as an r-channel conv with the layer's
         geometry, up = scaling B as a pointwise conv (peft's LoRA conv)."""
