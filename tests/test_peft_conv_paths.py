@@ -8,6 +8,7 @@ from torch import nn
 
 from flora_mm.peft import inject_adapters
 from flora_mm.peft.flora import tucker_product
+from tests.test_peft_linear_paths import assert_forms_agree
 
 CFGS = {
     'FLoRA': dict(type='FLoRA', rank=3, kernel_rank=2, scale=0.7),
@@ -66,11 +67,7 @@ def test_factored_and_materialised_paths_agree(method, layer_name):
             x, layer.weight + reference_delta(layer, method), layer.bias, base.stride,
             base.padding, base.dilation)
         torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    (o1, gx1, g1), (o2, gx2, g2) = results['factored'], results['materialised']
-    torch.testing.assert_close(o1, o2, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(gx1, gx2, rtol=1e-10, atol=1e-10)
-    for name in g1:
-        torch.testing.assert_close(g1[name], g2[name], rtol=1e-10, atol=1e-9)
+    assert_forms_agree(results, tol=1e-10, grad_rtol=1e-10, grad_atol=1e-9)
 
 
 @pytest.mark.parametrize('method', list(CFGS))
