@@ -78,12 +78,13 @@ def test_convnext_training_uses_it_with_the_same_gradients(method, monkeypatch):
 
     calls = []
     import flora_mm.ops.depthwise_conv as dwc
-    real = dwc._correlation_weight_grad
-    monkeypatch.setattr(dwc, '_correlation_weight_grad',
+    real = dwc.correlation_weight_grad
+    monkeypatch.setattr(dwc, 'correlation_weight_grad',
                         lambda *a: calls.append(1) or real(*a))
     fast = grads()
     assert len(calls) == 18  # every block's depthwise conv went through it
     monkeypatch.setattr(dwc, 'uses_correlation_weight_grad', lambda *a: False)
+    monkeypatch.setattr(dwc, 'correlation_weight_grad_serves', lambda *a: False)
     calls.clear()
     plain = grads()
     assert not calls

@@ -10,36 +10,71 @@ from flora_mm.ops import factored_linear
 from flora_mm.peft import inject_adapters
 
 
-def _inputs(bias: bool, dtype=torch.float64, rows=7, n_in=5, n_out=6, r=3):
+def _inputs(bias: bool, core: bool = True, dtype=torch.float64, rows=7, n_in=5, n_out=6,
+            r_in=3, r_out=2):
+    """x, weight, bias, down, core, up (core None: the identity, r_out = r_in)."""
     g = torch.Generator().manual_seed(0)
+    r_out = r_out if core else r_in
     return [torch.randn(*s, generator=g, dtype=dtype) if s else None
-            for s in ((rows, n_in), (n_out, n_in), (n_out,) if bias else None, (n_in, r),
-                      (r, n_out))]
+            for s in ((rows, n_in), (n_out, n_in), (n_out,) if bias else None, (n_in, r_in),
+                      (r_in, r_out) if core else None, (r_out, n_out))]
 
 
+@pytest.mark.parametrize('core', [True, False])
 @pytest.mark.parametrize('bias', [True, False])
 @pytest.mark.parametrize('trainable', ['all', 'adapters', 'adapters+input'])
-def test_gradients_match_numerical(bias, trainable):
-    x, w, b, down, up = _inputs(bias)
-    wanted = dict(all=(x, w, b, down, up), adapters=(down, up),
-                  **{'adapters+input': (x, down, up)})[trainable]
+def test_gradients_match_numerical(bias, trainable, core):
+    x, w, b, down, c, up = _inputs(bias, core)
+    wanted = dict(all=(x, w, b, down, c, up), adapters=(down, c, up),
+                  **{'adapters+input': (x, down, c, up)})[trainable]
     for t in wanted:
         if t is not None:
             t.requires_grad_(True)
-    assert torch.autograd.gradcheck(factored_linear, (x, w, b, down, up))
+    assert torch.autograd.gradcheck(lambda *a: factored_linear(*a, scale=0.7),
+                                    (x, w, b, down, up, c))
 
 
-def test_same_values_and_gradients_as_composed_form():
-    x, w, b, down, up = [t.float().requires_grad_(True) for t in _inputs(True, rows=50)]
-    ref = [t.detach().clone().requires_grad_(True) for t in (x, w, b, down, up)]
-    out = factored_linear(x, w, b, down, up)
-    want = F.linear(ref[0], ref[1], ref[2]) + ref[0] @ ref[3] @ ref[4]
+@pytest.mark.parametrize('core', [True, False])
+def test_same_values_and_gradients_as_composed_form(core):
+    tensors = [t.float().requires_grad_(True) if t is not None else None
+               for t in _inputs(True, core, rows=50)]
+    x, w, b, down, c, up = tensors
+    ref = [t.detach().clone().requires_grad_(True) if t is not None else None for t in tensors]
+    out = factored_linear(x, w, b, down, up, c, scale=1.7)
+    chain = ref[0] @ ref[3] @ ref[4] if core else ref[0] @ ref[3]
+    want = F.linear(ref[0], ref[1], ref[2]) + 1.7 * chain @ ref[5]
     torch.testing.assert_close(out, want)
     grad = torch.randn_like(out)
     out.backward(grad)
     want.backward(grad)
-    for got, exp in zip((x, w, b, down, up), ref):
-        torch.testing.assert_close(got.grad, exp.grad)
+    for got, exp in zip(tensors, ref):
+        if got is not None:
+            torch.testing.assert_close(got.grad, exp.grad)
+
+
+@pytest.mark.parametrize('method', [dict(type='FLoRA', rank=4, scale=2.0),
+                                    dict(type='LoRA', rank=4)])
+def test_backward_keeps_no_product_of_the_factors(method):
+    """What the fused op keeps for backward beyond the layer's input and its parameters is
+    the rows x r product x @ down only: no factor with the scale or the core folded in."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48))
+    inject_adapters(model, dict(method, targets=dict(types=['Linear'])))
+    layer = model[0]
+    layer.linear_path = 'factored'
+    x = torch.randn(10, 32, requires_grad=True)
+    known = {t.untyped_storage().data_ptr() for t in (x, *layer.parameters())}
+    kept = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in known:
+            kept.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(x)
+    assert kept == [(10, 4)]
+    out.sum().backward()
 
 
 def _backward_names(t: torch.Tensor) -> set[str]:

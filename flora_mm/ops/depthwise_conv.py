@@ -22,12 +22,16 @@ from torch import nn
 def uses_correlation_weight_grad(conv: nn.Conv2d, x: torch.Tensor,
                                   weight: torch.Tensor) -> bool:
     """Whether ``depthwise_conv2d`` serves ``conv`` run on ``x`` with ``weight`` (its own or
-    an adapted one): a plain zero-padded, stride-1, undilated depthwise conv, fp32 on the CPU
-    outside autocast, with a weight that needs its gradient."""
+    an adapted one): ``correlation_weight_grad_serves`` and a weight that needs its gradient."""
+    return (weight.requires_grad and torch.is_grad_enabled() and weight.dtype == torch.float32
+            and correlation_weight_grad_serves(conv, x))
+
+
+def correlation_weight_grad_serves(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether ``correlation_weight_grad`` gives ``conv``'s weight gradient on ``x``: a plain
+    zero-padded, stride-1, undilated depthwise conv, fp32 on the CPU outside autocast."""
     if (type(conv) is not nn.Conv2d or x.device.type != 'cpu' or x.dim() != 4
-            or not weight.requires_grad or not torch.is_grad_enabled()
-            or x.dtype != torch.float32 or weight.dtype != torch.float32
-            or torch.is_autocast_enabled('cpu')):
+            or x.dtype != torch.float32 or torch.is_autocast_enabled('cpu')):
         return False
     channels = conv.in_channels
     return (conv.groups == channels == conv.out_channels and conv.stride == (1, 1)
@@ -52,8 +56,8 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return _DepthwiseConv2d.apply(x, weight, bias, tuple(padding))
 
 
-def _correlation_weight_grad(grad: torch.Tensor, x: torch.Tensor,
-                             padding: tuple[int, int]) -> torch.Tensor:
+def correlation_weight_grad(grad: torch.Tensor, x: torch.Tensor,
+                            padding: tuple[int, int]) -> torch.Tensor:
     """sum_n corr(x[n, c], grad[n, c]) for every channel c: one depthwise conv forward over the
     n x c input maps (batch and channels in one dimension, NCHW memory: a copy when ``x`` is
     channels-last), whose kernels are the gradient maps; the output is kernel-sized."""
@@ -82,7 +86,7 @@ class _DepthwiseConv2d(torch.autograd.Function):
                 grad, x, weight, None, (1, 1), ctx.padding, (1, 1), False, (0, 0),
                 x.shape[1], (True, False, False))[0]
         if ctx.needs_input_grad[1]:
-            grad_weight = _correlation_weight_grad(grad, x, ctx.padding)
+            grad_weight = correlation_weight_grad(grad, x, ctx.padding)
         if ctx.needs_input_grad[2]:
             grad_bias = grad.sum((0, 2, 3))
         return grad_x, grad_weight, grad_bias, None

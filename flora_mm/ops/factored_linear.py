@@ -1,5 +1,6 @@
-"""A linear layer plus a factored low-rank update, ``x W^T + b + (x down) up``, in as few
-passes over the full-size tensors as the maths allows.
+"""A linear layer plus a factored low-rank update, ``x W^T + b + scale ((x down) core) up``,
+in as few passes over the full-size tensors as the maths allows, keeping nothing the adapter's
+own tensors already hold.
 
 Composed from autograd's own ops the layer costs two avoidable passes in backward (measured
 on the project's CPU machine, docs/performance.md):
@@ -11,8 +12,14 @@ on the project's CPU machine, docs/performance.md):
   ``x^T (g up^T)``, which reads the full-size operand transposed: 2x slower on MKL than the same
   product as ``((g up^T)^T x)^T``, whose transposed operand is the thin one.
 
-No library has this fused form for an arbitrary (in x r, r x out) factor pair; the adapters
-hand it their ``linear_factors()``.
+The core (FLoRA's G; None for LoRA) and the scale are applied to the rows x r tensors
+instead of being folded into a factor: a folded factor (``scale G U^T``, r x out) is a new
+tensor that backward would keep, per layer and step (7.2 MiB on ConvNeXt-V2-L at batch 2, a
+third of what FLoRA's adapters kept beyond the frozen backbone), where ``down``, ``core`` and
+``up`` are views of the adapter's parameters.
+
+No library has this fused form for an arbitrary factor chain; the adapters hand it their
+``linear_factors()``.
 """
 from __future__ import annotations
 
@@ -20,31 +27,41 @@ import torch
 
 
 def factored_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T + bias + (x @ down) @ up`` for 2-D ``x`` (rows x in); every tensor in one
-    dtype. Same values as the composed form; gradients for whichever inputs require them."""
-    return _FactoredLinear.apply(x, weight, bias, down, up)
+                    down: torch.Tensor, up: torch.Tensor, core: torch.Tensor | None = None,
+                    scale: float = 1.0) -> torch.Tensor:
+    """``x @ weight.T + bias + scale * (x @ down @ core) @ up`` for 2-D ``x`` (rows x in),
+    ``down`` (in x r_in), ``core`` (r_in x r_out, or None: the identity), ``up`` (r_out x out);
+    every tensor in one dtype. Same values as the composed form; gradients for whichever
+    inputs require them."""
+    return _FactoredLinear.apply(x, weight, bias, down, core, up, float(scale))
 
 
 class _FactoredLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        thin = x @ down  # rows x r
+                down: torch.Tensor, core: torch.Tensor | None, up: torch.Tensor,
+                scale: float) -> torch.Tensor:
+        thin = x @ down  # rows x r_in
+        mid = thin @ core if core is not None else thin  # rows x r_out
         out = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
-        out.addmm_(thin, up)  # the update accumulated into the base output, no second tensor
-        ctx.save_for_backward(x, weight, down, up, thin)
+        out.addmm_(mid, up, alpha=scale)  # the update accumulated into the base output
+        ctx.save_for_backward(x, weight, down, core, up, thin)
         ctx.has_bias = bias is not None
+        ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, weight, down, up, thin = ctx.saved_tensors
-        need_x, need_weight, need_bias, need_down, need_up = ctx.needs_input_grad
-        grad_x = grad_weight = grad_bias = grad_down = grad_up = None
+        x, weight, down, core, up, thin = ctx.saved_tensors
+        need_x, need_weight, need_bias, need_down, need_core, need_up, _ = ctx.needs_input_grad
+        scale = ctx.scale
+        grad_x = grad_weight = grad_bias = grad_down = grad_core = grad_up = None
         grad = grad.contiguous()
-        grad_thin = grad @ up.t() if (need_x or need_down) else None  # rows x r
+        # gradient of mid, unscaled (rows x r_out); the scale goes on the r-sized tensors
+        grad_mid = grad @ up.t() if (need_x or need_down or need_core) else None
+        if need_x or need_down:
+            grad_thin = grad_mid @ (scale * core.t()) if core is not None else grad_mid * scale
         if need_x:
             grad_x = grad @ weight
             grad_x.addmm_(grad_thin, down.t())
@@ -54,6 +71,9 @@ class _FactoredLinear(torch.autograd.Function):
             grad_bias = grad.sum(0)
         if need_down:
             grad_down = (grad_thin.t() @ x).t()  # the thin operand transposed (module docstring)
+        if need_core and core is not None:
+            grad_core = (thin.t() @ grad_mid).mul_(scale)
         if need_up:
-            grad_up = thin.t() @ grad
-        return grad_x, grad_weight, grad_bias, grad_down, grad_up
+            mid = thin @ core if core is not None else thin  # rows x r x r: cheaper than keeping
+            grad_up = (mid.t() @ grad).mul_(scale)
+        return grad_x, grad_weight, grad_bias, grad_down, grad_core, grad_up, None

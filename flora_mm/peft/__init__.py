@@ -3,8 +3,8 @@ from .api import (adapter_layers, adapter_state_dict, build_peft_method, count_p
                   inject_adapters, inject_into_parts, injected_roots, load_adapter_state_dict,
                   merge_adapters, normalize_parts, remove_adapters, reset_adapters_from_base,
                   unmerge_adapters, unmerged)
-from .base import (LAYER_KINDS, AdapterLayer, InjectionState, PEFTConfigError, PEFTMethod,
-                   TargetSpec, injection_state)
+from .base import (LAYER_KINDS, AdapterLayer, InjectionState, LinearFactors, PEFTConfigError,
+                   PEFTMethod, TargetSpec, injection_state)
 from .dora import DoRA, DoRALayer
 from .flora import FLoRA, FLoRALayer, tucker_product
 from .inspection import (DEFAULT_GROUP, format_table, parameter_table, unexpected_trainable,
@@ -17,6 +17,7 @@ __all__ = [
     'unmerge_adapters', 'unmerged', 'adapter_state_dict', 'load_adapter_state_dict',
     'count_parameters', 'build_peft_method', 'remove_adapters', 'reset_adapters_from_base',
     'adapter_layers', 'injected_roots', 'injection_state', 'InjectionState', 'AdapterLayer',
+    'LinearFactors',
     'PEFTMethod', 'PEFTConfigError', 'TargetSpec', 'LAYER_KINDS', 'FLoRA', 'FLoRALayer',
     'tucker_product', 'LoRA', 'LoRALayer', 'DoRA', 'DoRALayer', 'BitFit', 'Full', 'Frozen',
     'parameter_table', 'format_table', 'unexpected_trainable', 'update_norms', 'DEFAULT_GROUP',

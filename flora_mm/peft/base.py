@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,8 @@ from mmengine.logging import print_log
 from torch import nn
 from torch.func import functional_call
 
-from ..ops import conv2d_forward, factored_linear
+from ..ops import (conv2d_forward, factored_linear, linear_or_conv_with_recomputed_weight,
+                   recomputed_weight_serves)
 
 # Layer kinds a config may name in ``targets.types``; subclasses (mmcv/mmengine wrappers, timm's
 # same-padding convs) match through isinstance.
@@ -96,6 +97,18 @@ def layer_kind(module: nn.Module) -> str:
         f'cannot adapt a {type(module).__name__}: supported layer kinds are {list(LAYER_KINDS)}')
 
 
+class LinearFactors(NamedTuple):
+    """A linear layer's update as ``x dW^T = scale * ((x @ down) @ core) @ up``: ``down``
+    (in x r_in), ``core`` (r_in x r_out, None for the identity), ``up`` (r_out x out). Views of
+    the adapter's parameters, not products of them: what the factored op keeps for backward
+    is then the parameters themselves (``ops.factored_linear``)."""
+
+    down: torch.Tensor
+    core: torch.Tensor | None
+    up: torch.Tensor
+    scale: float
+
+
 class AdapterLayer(nn.Module):
     """Base of all adapter layers: runs the base layer's op with an adapted weight.
 
@@ -163,9 +176,8 @@ class AdapterLayer(nn.Module):
         """Inner size r of ``linear_factors()``; None where the method has no factored form."""
         return None
 
-    def linear_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The update of a linear layer as (in x r, r x out) factors, the scale folded into the
-        second: the update's output is ``x @ down @ up``."""
+    def linear_factors(self) -> LinearFactors:
+        """The update of a linear layer as a chain of thin factors (``LinearFactors``)."""
         raise NotImplementedError
 
     def factored_conv_rank(self) -> int | None:
@@ -272,12 +284,32 @@ class AdapterLayer(nn.Module):
             delta = self.delta_weight()
             return (self.base_op(x, self.weight, self.bias)
                     + self.base_op(self.dropout(x), self._cast_like(delta, self.weight), None))
+        if self.recomputes_weight(x):
+            return linear_or_conv_with_recomputed_weight(
+                self.base_layer, x, self.adapted_weight, self.bias, self._weight_sources())
         return self.base_op(x, self.adapted_weight(), self.bias)
 
+    def _weight_sources(self) -> tuple[torch.Tensor, ...]:
+        """The tensors ``adapted_weight()`` reads: W0 and the adapter's own."""
+        return (self.weight, *(p for _, p in self.adapter_parameters()))
+
+    def recomputes_weight(self, x: torch.Tensor) -> bool:
+        """Whether the materialised form rebuilds W0 + dW in backward instead of keeping it
+        (``ops.recomputed_weight``): plain linear/conv layers in training, one dtype, no
+        autocast, not under torch.compile (which picks what to keep itself)."""
+        if (not torch.is_grad_enabled() or not self._direct
+                or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type)
+                or not recomputed_weight_serves(self.base_layer, x)):
+            return False
+        sources = self._weight_sources()
+        return (any(p.requires_grad for p in sources)
+                and all(p.dtype == x.dtype for p in sources)
+                and (self.bias is None or self.bias.dtype == x.dtype))
+
     def _factored_linear(self, x: torch.Tensor, x_update: torch.Tensor) -> torch.Tensor:
-        """``base(x) + (x_update @ down) @ up``, the update accumulated into the base GEMM's
-        output in place (no second out-sized tensor and no extra pass over it)."""
-        down, up = self.linear_factors()
+        """``base(x) + scale ((x_update @ down) @ core) @ up``, the update accumulated into the
+        base GEMM's output in place (no second out-sized tensor and no extra pass over it)."""
+        down, core, up, scale = self.linear_factors()
         out_features, in_features = self.weight.shape
         lead = x.shape[:-1]
         rows = x_update.reshape(-1, in_features)
@@ -287,9 +319,11 @@ class AdapterLayer(nn.Module):
             if (self._direct and x_update is x and rows.dtype == self.weight.dtype == up.dtype
                     and (self.bias is None or self.bias.dtype == rows.dtype)):
                 # one dtype throughout: the fused op (fewer full-size passes in backward)
-                return factored_linear(rows, self.weight, self.bias, down, up).view(
-                    *lead, out_features)
+                return factored_linear(rows, self.weight, self.bias, down, up, core,
+                                       scale).view(*lead, out_features)
         h = rows @ down
+        # the scale on the smallest tensor: the r x r core, else the rows x r product
+        h = h @ (scale * core) if core is not None else h * scale
         if self._direct:
             # 2-D and not a view: in-place on a view would make autograd copy the gradient
             out = F.linear(x.reshape(-1, in_features), self.weight, self.bias)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..registry import PEFT_METHODS
-from .base import AdapterLayer, PEFTConfigError, PEFTMethod, check_positive_int
+from .base import AdapterLayer, LinearFactors, PEFTConfigError, PEFTMethod, check_positive_int
 
 
 def _mode_product(tensor: torch.Tensor, matrix: torch.Tensor, mode: int) -> torch.Tensor:
@@ -93,11 +93,11 @@ class FLoRALayer(AdapterLayer):
     def factored_rank(self) -> int | None:
         return self.ranks[1] if self.kind == 'Linear' else None
 
-    def linear_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """x dW^T = s x U_2 G^T U_1^T = (x U_2) (s U_1 G)^T: down = U_2 (in x r2), up =
-        (s U_1 G)^T (r2 x out); the core and the scale go into the small matrix."""
+    def linear_factors(self) -> LinearFactors:
+        """x dW^T = s x U_2 G^T U_1^T: down = U_2 (in x r2), core = G^T, up = U_1^T."""
         out_factor, in_factor = self.flora_factors  # (out, r1), (in, r2)
-        return in_factor, (self.scale * (out_factor @ self.flora_core)).transpose(0, 1)
+        return LinearFactors(in_factor, self.flora_core.transpose(0, 1),
+                             out_factor.transpose(0, 1), self.scale)
 
 
     def factored_conv_rank(self) -> int | None:

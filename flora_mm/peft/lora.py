@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ..registry import PEFT_METHODS
-from .base import AdapterLayer, PEFTConfigError, PEFTMethod, check_positive_int, kaiming_uniform_
+from .base import (AdapterLayer, LinearFactors, PEFTConfigError, PEFTMethod, check_positive_int,
+                   kaiming_uniform_)
 
 
 #: peft's ``LoraConfig.lora_alpha`` default: scaling alpha / r = 8 / r
@@ -66,9 +67,10 @@ class LoRALayer(AdapterLayer):
         return (None, self.lora_A.view(self.rank, *self.weight.shape[1:]),
                 (self.scaling * self.lora_B).view(*self.lora_B.shape, *ones))
 
-    def linear_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """x dW^T = (x A^T)(scaling B)^T: down = A^T (in x r), up = (scaling B)^T (r x out)."""
-        return self.lora_A.transpose(0, 1), (self.scaling * self.lora_B).transpose(0, 1)
+    def linear_factors(self) -> LinearFactors:
+        """x dW^T = scaling (x A^T) B^T: down = A^T (in x r), no core, up = B^T (r x out)."""
+        return LinearFactors(self.lora_A.transpose(0, 1), None, self.lora_B.transpose(0, 1),
+                             self.scaling)
 
 
 @dataclass
