@@ -27,6 +27,7 @@ import os
 import platform
 import statistics
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -201,13 +202,17 @@ class TrainCase:
         self.x.requires_grad_(method == 'Floor')
         self.bf16 = cfg.bf16
 
-    def step(self) -> None:
-        self.opt.zero_grad(set_to_none=True)
-        self.x.grad = None
+    def forward_loss(self) -> torch.Tensor:
+        """The step's forward: the loss, with its graph."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             feats = self.model(self.x)[-1]
             logits = self.head(feats.mean((2, 3)))
-        F.cross_entropy(logits.float(), self.y).backward()
+        return F.cross_entropy(logits.float(), self.y)
+
+    def step(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        self.x.grad = None
+        self.forward_loss().backward()
         self.opt.step()
 
 
@@ -289,26 +294,36 @@ def merged_inference_times(cfg: BenchConfig, progress: Callable[[str], None] | N
 
 def saved_activation_mib(case: TrainCase) -> float:
     """MiB that autograd keeps for the backward of one step (unique storages, parameters not
-    counted): the activation memory a method adds, exact and independent of the allocator."""
+    counted): the activation memory a method adds, exact and independent of the allocator.
+
+    Counted when the forward is done, over the saved tensors the graph still holds: a tensor
+    saved for a graph that was dropped within the forward, or for one built and freed inside
+    backward (ops that rebuild a weight there), is not kept for backward, and its freed
+    address may be reused by another storage, so counting at pack time would miscount."""
     params = {p.untyped_storage().data_ptr() for p in case.backbone.parameters()}
     params |= {p.untyped_storage().data_ptr() for p in case.head.parameters()}
-    seen: dict[int, int] = {}
+    packed: list[weakref.ref] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
+        if t.untyped_storage().data_ptr() not in params:
+            packed.append(weakref.ref(t))  # the graph holds t while it needs it
         return t
 
     # the lean ConvNeXt blocks' own hooks hide what adapters keep from the hooks above: they
     # report it themselves
     stats = case.backbone.recompute_stats = RecomputeStats()
+    case.x.grad = None
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            case.step()
+            loss = case.forward_loss()
     finally:
         case.backbone.recompute_stats = None
-    seen.update({ptr: n for ptr, n in stats.kept_storages.items() if ptr not in params})
+    seen = {}
+    for ref in packed + stats.kept_tensors:
+        t = ref()
+        if t is not None and t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    del loss  # the graph, unused
     return sum(seen.values()) / 2 ** 20
 
 

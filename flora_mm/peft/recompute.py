@@ -14,6 +14,7 @@ on every op; measured on the CPU both cost far more than the one element-wise pa
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -28,9 +29,9 @@ class RecomputeStats:
     replaced_bytes: int = 0    # the bytes those would have kept alive
     kept: int = 0              # saved tensors passed through (weights, thin factors ...)
     recomputed: int = 0        # recipes rebuilt in backward
-    #: storages of the non-parameter tensors passed through: data_ptr -> bytes (these hooks
-    #: hide them from any outer saved_tensors_hooks, e.g. the benchmark's accounting)
-    kept_storages: dict[int, int] = field(default_factory=dict)
+    #: weak references to the non-parameter tensors passed through (these hooks hide them
+    #: from any outer saved_tensors_hooks, e.g. the benchmark's accounting)
+    kept_tensors: list[weakref.ref] = field(default_factory=list)
 
 
 @dataclass
@@ -89,8 +90,7 @@ def run_with_recomputed_input(fn: Callable[[torch.Tensor], torch.Tensor], x: tor
             if stats is not None:
                 stats.kept += 1
                 if not isinstance(t, torch.nn.Parameter):
-                    stats.kept_storages[t.untyped_storage().data_ptr()] = \
-                        t.untyped_storage().nbytes()
+                    stats.kept_tensors.append(weakref.ref(t))
             return t
         if stats is not None:
             stats.replaced += 1
