@@ -49,7 +49,8 @@ def test_gradients_match_numerical(name, bias_trainable):
     layer, x, sources, weight_fn = _setup(name, torch.float64, bias_trainable)
 
     def run(x, bias, a, b):
-        return linear_or_conv_with_recomputed_weight(layer, x, weight_fn, bias, sources)
+        return linear_or_conv_with_recomputed_weight(layer, x, weight_fn(), weight_fn, bias,
+                                                     sources)
 
     assert torch.autograd.gradcheck(run, (x, layer.bias, sources[1], sources[2]))
 
@@ -59,7 +60,8 @@ def test_same_values_and_gradients_as_composed_form_fp32(name):
     """fp32 on the CPU: the depthwise case goes through the correlation weight gradient."""
     layer, x, sources, weight_fn = _setup(name, torch.float32, True)
     params = (x, layer.bias, *sources[1:])
-    out = linear_or_conv_with_recomputed_weight(layer, x, weight_fn, layer.bias, sources)
+    out = linear_or_conv_with_recomputed_weight(layer, x, weight_fn(), weight_fn,
+                                                    layer.bias, sources)
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, params, grad)
     want_out = _composed(layer, x, weight_fn)
@@ -80,11 +82,13 @@ def test_keeps_no_weight_and_checks_sources():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = linear_or_conv_with_recomputed_weight(layer, x, weight_fn, layer.bias, sources)
+        out = linear_or_conv_with_recomputed_weight(layer, x, weight_fn(), weight_fn,
+                                                    layer.bias, sources)
         composed = _composed(layer, x, weight_fn)
     assert kept == [tuple(layer.weight.shape)]  # only the composed form kept W0 + dW
     out.sum().backward()  # fine: nothing changed
-    out = linear_or_conv_with_recomputed_weight(layer, x, weight_fn, layer.bias, sources)
+    out = linear_or_conv_with_recomputed_weight(layer, x, weight_fn(), weight_fn,
+                                                    layer.bias, sources)
     with torch.no_grad():
         sources[1].add_(1.0)  # an optimizer step between forward and backward
     with pytest.raises(RuntimeError, match='modified by an inplace operation'):
@@ -99,7 +103,8 @@ def test_rejects_what_it_cannot_run():
     assert not recomputed_weight_serves(nn.Conv2d(3, 3, 3, padding=1, padding_mode='reflect'), x)
     assert not recomputed_weight_serves(nn.Conv2d(3, 3, 3), x[0])  # unbatched
     with pytest.raises(ValueError, match='cannot run a Conv2d on a 3-D input'):
-        linear_or_conv_with_recomputed_weight(nn.Conv2d(3, 3, 3), x[0], lambda: None, None, ())
+        linear_or_conv_with_recomputed_weight(nn.Conv2d(3, 3, 3), x[0], None, lambda: None,
+                                              None)
 
 
 def _backward_names(t: torch.Tensor) -> set[str]:

@@ -286,7 +286,8 @@ class AdapterLayer(nn.Module):
                     + self.base_op(self.dropout(x), self._cast_like(delta, self.weight), None))
         if self.recomputes_weight(x):
             return linear_or_conv_with_recomputed_weight(
-                self.base_layer, x, self.adapted_weight, self.bias, self._weight_sources())
+                self.base_layer, x, self.adapted_weight(), self.adapted_weight, self.bias,
+                self._weight_sources())
         return self.base_op(x, self.adapted_weight(), self.bias)
 
     def _weight_sources(self) -> tuple[torch.Tensor, ...]:
