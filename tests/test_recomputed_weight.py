@@ -146,6 +146,10 @@ def test_adapters_use_it_in_training_only(method):
         assert '_RecomputedWeightOpBackward' not in _backward_names(model(x))
     with torch.no_grad():
         assert not layers[0].recomputes_weight(x)
+    # a weight small next to its input (72 values, a batch of 64 x 8 x 5 x 5) is kept
+    assert layers[1].weight.numel() == 72
+    assert not layers[1].recomputes_weight(torch.randn(64, 8, 5, 5))
+    assert layers[1].recomputes_weight(torch.randn(5, 8, 5, 5))
     for layer in layers:  # the composed form: base op with W0 + dW
         layer.recomputes_weight = lambda x: False
     ref = model(x)
