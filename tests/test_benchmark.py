@@ -119,10 +119,11 @@ def test_small_run_rows_ratios_and_outputs(tmp_path):
         for ref in ('Floor', 'LoRA', 'Full'):
             assert row[f'x_{ref}'] == pytest.approx(row['cpu_s_step'] / rows[ref]['cpu_s_step'])
     assert rows['FLoRA']['trainable'] < rows['LoRA']['trainable'] < rows['Full']['trainable']
-    # LoRA and FLoRA adapt the same layers in the same forms: they keep the same tensors but
-    # their rows x r products (atto's MLPs are 1x1 convs, materialised in both)
+    # LoRA and FLoRA adapt the same layers in the same forms: FLoRA keeps what LoRA keeps and
+    # the partial products of its Tucker weights (r x in k..k per layer; LoRA's B A keeps only
+    # its parameters)
     assert all(row['saved_mib'] > 0 for row in rows.values())
-    assert rows['FLoRA']['saved_mib'] == pytest.approx(rows['LoRA']['saved_mib'], abs=0.05)
+    assert rows['LoRA']['saved_mib'] < rows['FLoRA']['saved_mib'] < 2 * rows['LoRA']['saved_mib']
     inf = result.inference
     assert inf['ratio'] == pytest.approx(inf['merged_s'] / inf['plain_s']) and inf['plain_s'] > 0
     table = format_table(result)
