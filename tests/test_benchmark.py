@@ -106,6 +106,17 @@ def test_malloc_tuning_applies_on_glibc():
     assert tune_glibc_malloc() == (platform.libc_ver()[0] == 'glibc')
 
 
+@pytest.mark.skipif(__import__('platform').libc_ver()[0] != 'glibc', reason='glibc malloc only')
+def test_malloc_values_must_fit_mallopts_int(monkeypatch):
+    """mallopt takes a C int and ctypes wraps a larger value silently: a 4 GiB trim threshold
+    once became 0 (trim everything), the opposite of the setting. Such a value now fails."""
+    import flora_mm.apis.benchmark as bench
+    monkeypatch.setattr(bench, 'TRIM_THRESHOLD', 4 * 2 ** 30)
+    with pytest.raises(ValueError, match='does not fit a C int'):
+        bench.tune_glibc_malloc()
+    assert 'mmap_max=0' in bench.GLIBC_TUNABLES
+
+
 def test_small_run_rows_ratios_and_outputs(tmp_path):
     methods = ('Floor', 'LoRA', 'FLoRA', 'Full')
     cfg = BenchConfig(arch='atto', batch=2, size=32, rounds=2, warmup=1, methods=methods,

@@ -140,17 +140,21 @@ class BenchConfig:
 
 
 # -- the allocator --------------------------------------------------------------------------
-# glibc's malloc serves blocks above a threshold with mmap and returns them with munmap. The
-# threshold adapts, but a training step frees tensors of tens of MiB every iteration: each is
-# unmapped, mapped again and page-faulted in on first touch (zero-filled by the kernel). With a
-# fixed threshold of 32 MiB and no trimming, such tensors are reused from the heap instead.
-# The same as GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:
-# glibc.malloc.trim_threshold=4294967296 (docs/performance.md).
-MMAP_THRESHOLD = 32 * 2 ** 20
-TRIM_THRESHOLD = 4 * 2 ** 30
-GLIBC_TUNABLES = (f'glibc.malloc.mmap_threshold={MMAP_THRESHOLD}:'
-                  f'glibc.malloc.trim_threshold={TRIM_THRESHOLD}')
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
+# glibc's malloc serves blocks above a threshold with mmap and returns them with munmap. A
+# training step frees tensors of tens of MiB every iteration: each is unmapped, mapped again
+# and page-faulted in on first touch (zero-filled by the kernel). glibc caps the threshold at
+# 32 MiB on 64-bit, and ConvNeXt-V2-tiny's stage-0 MLP tensors at batch 8 are 36.75 MiB: with
+# that cap they still cost 140-210k page faults a step. So no mmap at all (mmap_max=0: every
+# block from the heap) and no trimming: freed memory is reused from the heap.
+# For a process that is launched: GLIBC_TUNABLES below (docs/performance.md); in-process, the
+# benchmark sets the same with mallopt. mallopt takes a C int, so its trim threshold is 2 GiB - 1
+# (an earlier 4 GiB wrapped to 0 through ctypes: trim everything, the opposite). The tunable is
+# a size_t and is given 4 GiB: measured, 2 GiB - 1 there still let freed 64 MiB blocks be
+# faulted in again (tests/test_benchmark.py checks both forms).
+MMAP_MAX = 0
+TRIM_THRESHOLD = 2 ** 31 - 1
+GLIBC_TUNABLES = f'glibc.malloc.mmap_max={MMAP_MAX}:glibc.malloc.trim_threshold={4 * 2 ** 30}'
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # from glibc's malloc.h
 
 
 def tune_glibc_malloc() -> bool:
@@ -159,15 +163,18 @@ def tune_glibc_malloc() -> bool:
     if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
         return False
     libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
-    ok = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-    ok &= libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    ok = True
+    for param, value in ((_M_MMAP_MAX, MMAP_MAX), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
+        if not -2 ** 31 <= value < 2 ** 31:  # ctypes would wrap it silently
+            raise ValueError(f'mallopt value {value} does not fit a C int')
+        ok &= libc.mallopt(param, value) == 1
     return bool(ok)
 
 
 def allocator_description(tuned: bool) -> str:
     if tuned:
-        return f'glibc malloc, mallopt mmap_threshold={MMAP_THRESHOLD}, trim_threshold=' \
-               f'{TRIM_THRESHOLD}'
+        return f'glibc malloc, mallopt mmap_max={MMAP_MAX}, trim_threshold={TRIM_THRESHOLD}'
     env = os.environ.get('GLIBC_TUNABLES')
     preload = os.environ.get('LD_PRELOAD')
     return ', '.join(filter(None, ['malloc as launched', env and f'GLIBC_TUNABLES={env}',
