@@ -580,7 +580,9 @@ def plot_result(result: BenchResult, path: str) -> None:
             text = f'{r[key]:.0f}' if key == 'peak_mib' else f'{r[key]:.2f}'
             if ratio in r:
                 text += f'  ({r[ratio]:.2f}x Floor)'
-            ax.text(r[key] + top * 0.01, y, text, va='center', fontsize=9)
+            # a white box: the Floor line must not run through a shorter bar's label
+            ax.text(r[key] + top * 0.01, y, text, va='center', fontsize=9, zorder=3,
+                    bbox=dict(facecolor='white', edgecolor='none', pad=1))
         ax.set_xlim(0, top * 1.45)
         if floor is not None:
             ax.axvline(floor[key], color='k', linestyle='--', linewidth=1)
