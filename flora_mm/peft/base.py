@@ -22,8 +22,8 @@ from mmengine.logging import print_log
 from torch import nn
 from torch.func import functional_call
 
-from ..ops import (conv2d_forward, factored_linear, linear_or_conv_with_recomputed_weight,
-                   recomputed_weight_serves)
+from ..ops import (cast_matmul, conv2d_forward, factored_linear,
+                   linear_or_conv_with_recomputed_weight, recomputed_weight_serves)
 
 # Layer kinds a config may name in ``targets.types``; subclasses (mmcv/mmengine wrappers, timm's
 # same-padding convs) match through isinstance.
@@ -325,14 +325,18 @@ class AdapterLayer(nn.Module):
         lead = x.shape[:-1]
         rows = x_update.reshape(-1, in_features)
         autocast = torch.is_autocast_enabled(rows.device.type)
-        if not autocast:
-            rows = rows.to(down.dtype)  # fp32 adapters on a low-precision backbone; else no copy
-            if (self._direct and x_update is x and rows.dtype == self.weight.dtype == up.dtype
-                    and (self.bias is None or self.bias.dtype == rows.dtype)):
-                # one dtype throughout: the fused op (fewer full-size passes in backward)
-                return factored_linear(rows, self.weight, self.bias, down, up, core,
-                                       scale).view(*lead, out_features)
-        h = rows @ down
+        if (not autocast and self._direct and x_update is x
+                and rows.dtype == down.dtype == self.weight.dtype == up.dtype
+                and (self.bias is None or self.bias.dtype == rows.dtype)):
+            # one dtype throughout: the fused op (fewer full-size passes in backward)
+            return factored_linear(rows, self.weight, self.bias, down, up, core,
+                                   scale).view(*lead, out_features)
+        if not autocast and rows.dtype != down.dtype:
+            # fp32 adapters on a low-precision backbone: cast inside the product, so backward
+            # keeps the input (which the blocks can rebuild), not an fp32 copy of it
+            h = cast_matmul(rows, down)
+        else:
+            h = rows @ down
         # the scale on the smallest tensor: the r x r core, else the rows x r product
         h = h @ (scale * core) if core is not None else h * scale
         if self._direct:
