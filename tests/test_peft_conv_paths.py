@@ -102,12 +102,13 @@ def test_dropout_acts_on_the_update_only_in_both_forms():
 
 
 def test_auto_rule_picks_factored_for_large_weights_on_small_maps():
-    """positions_out * weight size > 16 r (x.numel() + out.numel()): ConvNeXt-V2's late
-    downsampling convs go factored, its stem and early downsampling convs materialised; grouped,
+    """positions_out * weight size > 8 r (x.numel() + out.numel()): ConvNeXt-V2's later
+    downsampling convs go factored, its stem and first downsampling conv materialised; grouped,
     depthwise and non-zero-padded convs never (the pointwise maps would not commute)."""
     cases = [  # (conv, input shape, factored)
         (nn.Conv2d(3, 96, 4, stride=4), (8, 3, 224, 224), False),        # tiny stem
         (nn.Conv2d(96, 192, 2, stride=2), (8, 96, 56, 56), False),       # tiny stage 1
+        (nn.Conv2d(192, 384, 2, stride=2), (8, 192, 28, 28), True),      # tiny stage 2
         (nn.Conv2d(384, 768, 2, stride=2), (8, 384, 14, 14), True),      # tiny stage 3
         (nn.Conv2d(768, 1536, 2, stride=2), (2, 768, 14, 14), True),     # L stage 3
         (nn.Conv2d(768, 768, 7, padding=3, groups=768), (2, 768, 7, 7), False),  # depthwise
@@ -125,7 +126,7 @@ def test_auto_rule_picks_factored_for_large_weights_on_small_maps():
             out = conv(x)
             positions = out.numel() // out.shape[1]
             assert (positions * conv.weight.numel()
-                    > 16 * 16 * (x.numel() + out.numel())) == factored
+                    > 8 * 16 * (x.numel() + out.numel())) == factored
 
 
 @pytest.mark.parametrize('method', list(CFGS))

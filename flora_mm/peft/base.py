@@ -208,15 +208,16 @@ class AdapterLayer(nn.Module):
     #: 'factored' or 'materialised' forces one (tests, measurements)
     linear_path: str = 'auto'
     #: 'auto' materialises W0 + dW when in*out <= FACTORED_MIN_RATIO * r * (in + out)
-    FACTORED_MIN_RATIO: ClassVar[float] = 16.0
+    FACTORED_MIN_RATIO: ClassVar[float] = 8.0
 
     def uses_factored_linear(self) -> bool:
         """Whether a linear layer runs ``x W0^T + (x down) up`` rather than one GEMM with
         W0 + dW. The factored form adds thin GEMMs over every row of x (~6 memory-bound passes
         over the input and output in forward + backward, r-wide); the materialised one adds one
         weight-gradient GEMM (rows x in x out multiply-adds). The first is cheaper for wide
-        layers only: on the measured CPU the two cost the same near in = 384, out = 1536, r = 16
-        (docs/performance.md), where in*out ~ 16 r (in + out)."""
+        layers only: on the measured CPU (r = 16, ConvNeXt-V2-tiny's MLPs) the materialised
+        form won at in*out = 4.8 r (in + out) (stage 0) and the factored one at 9.6 (stage 1),
+        docs/performance.md."""
         rank = self.factored_rank() if self.kind == 'Linear' else None
         if rank is None or self.linear_path == 'materialised':
             return False
@@ -236,8 +237,8 @@ class AdapterLayer(nn.Module):
         (output positions x weight size multiply-adds) and keeps W0 + dW for backward; the
         factored one thin convs over the input and output. Same rule as the linear layers:
         factored when positions_out * weight_size > FACTORED_MIN_RATIO * r * (x.numel() +
-        out.numel()) (ConvNeXt's downsampling convs at the late stages, where the weight is
-        large and the maps are small)."""
+        out.numel()) (ConvNeXt's later downsampling convs, where the weight is large next to
+        the maps; never the stem)."""
         layer = self.base_layer
         if (self.kind not in CONV_DIMS or self.conv_path == 'materialised' or not self._direct
                 or layer.groups != 1 or layer.padding_mode != 'zeros'
