@@ -63,21 +63,30 @@ def test_backward_keeps_no_product_of_the_factors(method):
     layer = model[0]
     layer.linear_path = 'factored'
     x = torch.randn(10, 32, requires_grad=True)
-    known = {t.untyped_storage().data_ptr() for t in (x, *layer.parameters())}
-    kept = []
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in known:
-            kept.append(tuple(t.shape))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = layer(x)
+    kept, out = saved_shapes(lambda: layer(x), (x, *layer.parameters()))
     assert kept == [(10, 4)]
     out.sum().backward()
 
 
-def _backward_names(t: torch.Tensor) -> set[str]:
+def saved_shapes(run, known) -> tuple[list, object]:
+    """The shapes of what autograd keeps for backward while ``run()`` runs, other than the
+    storages of the ``known`` tensors; and what ``run()`` returned (also used by
+    tests/test_recomputed_weight.py)."""
+    ptrs = {t.untyped_storage().data_ptr() for t in known}
+    kept = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in ptrs:
+            kept.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    return kept, out
+
+
+def backward_names(t: torch.Tensor) -> set[str]:
+    """The names of every node of ``t``'s backward graph."""
     seen, stack = set(), [t.grad_fn]
     while stack:
         fn = stack.pop()
@@ -104,15 +113,15 @@ def test_adapters_use_it_where_meant(method):
                 p.normal_(0.0, 0.2)
     x = torch.randn(2, 5, 32)
     fused = layer(x)
-    assert '_FactoredLinearBackward' in _backward_names(fused)
+    assert '_FactoredLinearBackward' in backward_names(fused)
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        assert '_FactoredLinearBackward' not in _backward_names(layer(x))
+        assert '_FactoredLinearBackward' not in backward_names(layer(x))
     layer.linear_path = 'materialised'
     torch.testing.assert_close(fused, layer(x), rtol=1e-5, atol=1e-5)
 
     with_dropout = nn.Sequential(nn.Linear(32, 48))
     inject_adapters(with_dropout, dict(method, dropout=0.1, targets=dict(types=['Linear'])))
-    assert '_FactoredLinearBackward' not in _backward_names(with_dropout.train()(x))
+    assert '_FactoredLinearBackward' not in backward_names(with_dropout.train()(x))
 
 
 def test_cast_matmul_keeps_the_low_precision_input():

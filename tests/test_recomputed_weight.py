@@ -8,6 +8,7 @@ from torch import nn
 
 from flora_mm.ops import linear_or_conv_with_recomputed_weight, recomputed_weight_serves
 from flora_mm.peft import AdapterLayer, inject_adapters
+from tests.test_factored_linear import backward_names, saved_shapes
 
 LAYERS = {
     'linear': (lambda: nn.Linear(6, 5), (2, 3, 6)),
@@ -73,18 +74,10 @@ def test_same_values_and_gradients_as_composed_form_fp32(name):
 
 def test_keeps_no_weight_and_checks_sources():
     layer, x, sources, weight_fn = _setup('conv2d', torch.float32, False)
-    known = {t.untyped_storage().data_ptr() for t in (x, *sources)}
-    kept = []
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in known:
-            kept.append(tuple(t.shape))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = linear_or_conv_with_recomputed_weight(layer, x, weight_fn(), weight_fn,
-                                                    layer.bias, sources)
-        composed = _composed(layer, x, weight_fn)
+    kept, (out, composed) = saved_shapes(lambda: (
+        linear_or_conv_with_recomputed_weight(layer, x, weight_fn(), weight_fn, layer.bias,
+                                              sources),
+        _composed(layer, x, weight_fn)), (x, *sources))
     assert kept == [tuple(layer.weight.shape)]  # only the composed form kept W0 + dW
     out.sum().backward()  # fine: nothing changed
     out = linear_or_conv_with_recomputed_weight(layer, x, weight_fn(), weight_fn,
@@ -107,17 +100,6 @@ def test_rejects_what_it_cannot_run():
                                               None)
 
 
-def _backward_names(t: torch.Tensor) -> set[str]:
-    seen, stack = set(), [t.grad_fn]
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn.name() in seen:
-            continue
-        seen.add(fn.name())
-        stack.extend(f for f, _ in fn.next_functions)
-    return seen
-
-
 @pytest.mark.parametrize('method', [dict(type='FLoRA', rank=2, kernel_rank=2, scale=2.0),
                                     dict(type='LoRA', rank=2)])
 def test_adapters_use_it_in_training_only(method):
@@ -136,14 +118,14 @@ def test_adapters_use_it_in_training_only(method):
                 p.normal_(0.0, 0.3)
     x = torch.randn(2, 3, 5, 5)
     out = model(x)
-    assert '_RecomputedWeightOpBackward' in _backward_names(out)
+    assert '_RecomputedWeightOpBackward' in backward_names(out)
     assert all(layer.recomputes_weight(torch.randn(2, 3, 5, 5) if i == 0 else
                                        torch.randn(2, 8, 5, 5) if i == 1 else
                                        torch.randn(2, 8, 25)) for i, layer in enumerate(layers))
     grads = torch.autograd.grad(out.square().sum(), [p for l in layers
                                                      for _, p in l.adapter_parameters()])
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        assert '_RecomputedWeightOpBackward' not in _backward_names(model(x))
+        assert '_RecomputedWeightOpBackward' not in backward_names(model(x))
     with torch.no_grad():
         assert not layers[0].recomputes_weight(x)
     # a weight small next to its input (72 values, a batch of 64 x 8 x 5 x 5) is kept
@@ -153,7 +135,7 @@ def test_adapters_use_it_in_training_only(method):
     for layer in layers:  # the composed form: base op with W0 + dW
         layer.recomputes_weight = lambda x: False
     ref = model(x)
-    assert '_RecomputedWeightOpBackward' not in _backward_names(ref)
+    assert '_RecomputedWeightOpBackward' not in backward_names(ref)
     torch.testing.assert_close(out, ref)
     ref_grads = torch.autograd.grad(ref.square().sum(), [p for l in layers
                                                          for _, p in l.adapter_parameters()])
