@@ -27,8 +27,9 @@ from torch.autograd.function import once_differentiable
 
 from . import depthwise_conv
 
+#: spatial dims of the convs served (from the type: the base layer's own ``weight`` attribute
+#: is not the adapter's, and FSDP2 leaves it unset)
 _CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
-_CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def recomputed_weight_serves(layer: nn.Module, x: torch.Tensor) -> bool:
@@ -70,9 +71,8 @@ class _RecomputedWeightOp(torch.autograd.Function):
                 *sources: torch.Tensor) -> torch.Tensor:
         if type(layer) is nn.Linear:
             out = F.linear(x, weight, bias)
-        else:
-            out = _CONV_FNS[_CONV_DIMS[type(layer)]](x, weight, bias, layer.stride,
-                                                     layer.padding, layer.dilation, layer.groups)
+        else:  # the conv's own op: F.convNd with its stride, padding, dilation and groups
+            out = layer._conv_forward(x, weight, bias)
         ctx.layer, ctx.weight_fn, ctx.correlation = layer, weight_fn, correlation
         ctx.save_for_backward(x, *sources)  # not the weight
         return out
@@ -94,13 +94,13 @@ class _RecomputedWeightOp(torch.autograd.Function):
             if need_bias:
                 grad_bias = rows.sum(0)
         else:
-            dims = _CONV_DIMS[type(layer)]
             if need_x or (need_w and not ctx.correlation):
                 if w is None:  # convolution_backward wants a weight even for its gradient only
                     w = ctx.weight_fn()
                 grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
                     grad, x, w, None, layer.stride, layer.padding, layer.dilation, False,
-                    (0,) * dims, layer.groups, (need_x, need_w and not ctx.correlation, False))
+                    (0,) * (x.dim() - 2), layer.groups,
+                    (need_x, need_w and not ctx.correlation, False))
             if need_w and ctx.correlation:
                 grad_w = depthwise_conv.correlation_weight_grad(grad, x, layer.padding)
             if need_bias:

@@ -99,7 +99,6 @@ class FLoRALayer(AdapterLayer):
         return LinearFactors(in_factor, self.flora_core.transpose(0, 1),
                              out_factor.transpose(0, 1), self.scale)
 
-
     def factored_conv_rank(self) -> int | None:
         return max(self.ranks[:2]) if self.kind != 'Linear' else None
 
