@@ -14,7 +14,7 @@ from torch import nn
 from flora_mm.apis.benchmark import (METHODS, BenchConfig, TrainCase, _step_peak_bytes,
                                      balanced_orders, format_table, interleaved_times, method_configs,
                                      peak_memory_mib, plot_result, run_benchmark,
-                                     saved_activation_mib, tune_glibc_malloc)
+                                     saved_activation_mib, step_flops, tune_glibc_malloc)
 from flora_mm.models.convnextv2 import CONVNEXTV2_ARCHS
 from flora_mm.peft import inject_adapters
 
@@ -129,6 +129,7 @@ def test_small_run_rows_ratios_and_outputs(tmp_path):
         assert len(row['times']['cpu']) == 2
         for ref in ('Floor', 'LoRA', 'Full'):
             assert row[f'x_{ref}'] == pytest.approx(row['cpu_s_step'] / rows[ref]['cpu_s_step'])
+            assert row[f'flop_x_{ref}'] == pytest.approx(row['gflop'] / rows[ref]['gflop'])
     assert rows['FLoRA']['trainable'] < rows['LoRA']['trainable'] < rows['Full']['trainable']
     # LoRA and FLoRA adapt the same layers in the same forms: FLoRA keeps what LoRA keeps and
     # the partial products of its Tucker weights (r x in k..k per layer; LoRA's B A keeps only
@@ -219,3 +220,37 @@ def test_rebuilt_adapter_inputs_are_exactly_what_is_no_longer_kept():
         saved[rebuild] = {m: saved_activation_mib(TrainCase(m, cfg)) for m in ('Floor', 'FLoRA')}
     assert saved[True]['Floor'] == saved[False]['Floor']
     assert saved[False]['FLoRA'] - saved[True]['FLoRA'] == pytest.approx(expected, abs=1e-9)
+
+
+def _counted_flops(module: nn.Module, x: torch.Tensor) -> int:
+    case = type('Case', (), {})()  # step_flops needs only .step()
+    case.step = lambda: module(x).sum().backward()
+    return step_flops(case)
+
+
+@pytest.mark.parametrize('groups', [1, 2, 8])
+def test_flops_of_a_conv_step_count_every_gradient_at_the_forwards_cost(groups):
+    """Forward, input gradient and weight gradient of a conv each cost 2 N H' W' Cout
+    (Cin/groups) k k FLOPs, grouped and depthwise convs included (torch's own formula counts a
+    grouped conv's weight gradient without the groups)."""
+    conv = nn.Conv2d(8, 16, 3, padding=1, stride=2, groups=groups, bias=False)
+    x = torch.randn(2, 8, 9, 9)
+    forward = 2 * 2 * 5 * 5 * 16 * (8 // groups) * 3 * 3
+    assert _counted_flops(conv, x) == 2 * forward  # frozen input: the weight gradient only
+    assert _counted_flops(conv, x.requires_grad_()) == 3 * forward
+    conv.requires_grad_(False)
+    assert _counted_flops(conv, x) == 2 * forward  # the input gradient only
+
+
+def test_flops_of_a_training_step_follow_what_each_method_computes():
+    """ConvNeXt-V2-atto: Floor is the forward + input gradients (2x Frozen), Full the forward +
+    input and weight gradients less the stem's input gradient (the image needs none); an adapter
+    method adds to Floor's."""
+    cfg = BenchConfig(arch='atto', batch=2, size=32)
+    flops = {m: step_flops(TrainCase(m, cfg)) for m in ('Frozen', 'Floor', 'LoRA', 'Full')}
+    stem = 2 * 2 * 8 * 8 * CONVNEXTV2_ARCHS['atto'][1][0] * 3 * 4 * 4  # 4x4, stride 4
+    head = 2 * 2 * CONVNEXTV2_ARCHS['atto'][1][-1] * 10
+    backbone = flops['Frozen'] - 2 * head  # Frozen: the head's forward and weight gradient
+    assert flops['Floor'] == 2 * backbone + 3 * head  # the head's input gradient too
+    assert flops['Full'] == 3 * backbone - stem + 3 * head
+    assert flops['LoRA'] > flops['Floor']

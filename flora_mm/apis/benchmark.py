@@ -16,7 +16,10 @@ per method in its own (spawned) process as the peak of what torch has allocated:
 gradients, optimizer state and activations (CUDA: ``max_memory_allocated``; CPU: the same sum,
 from the profiler's record of every allocation). On the CPU the peak resident set above the
 process's size before the model was built is reported beside it: that one also carries the
-allocator's overheads (docs/performance.md).
+allocator's overheads (docs/performance.md). Beside the times, each method's arithmetic (the
+FLOPs of its matrix products and convolutions in one step, ``step_flops``): a step cannot
+take a smaller share of another method's time than its arithmetic's share, unless its ops
+run faster per FLOP than the other's.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from typing import Any, Callable, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from ..models import ConvNeXtV2
 from ..models.convnextv2 import CONVNEXTV2_ARCHS
@@ -334,6 +338,31 @@ def saved_activation_mib(case: TrainCase) -> float:
     return sum(seen.values()) / 2 ** 20
 
 
+# -- arithmetic ------------------------------------------------------------------------------
+def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation,
+                        transposed, _output_padding, _groups, output_mask, out_shape=None,
+                        **kwargs) -> int:
+    """FLOPs of ``aten.convolution_backward``: each gradient it computes costs the forward's
+    multiply-adds, whatever the groups. torch's own formula (``torch.utils.flop_counter``,
+    2.14) builds the weight gradient's count from the batch/channel-transposed shapes and skips
+    the groups, which counts a depthwise conv's weight gradient C times over (ConvNeXt-V2-tiny's
+    Full step came out at 620 instead of 214 GFLOP)."""
+    forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
+def step_flops(case: TrainCase) -> int:
+    """Floating-point operations of the matrix products and convolutions in one training step
+    (forward and backward, multiply-add = 2), counted by torch's ``FlopCounterMode`` on the ops
+    that actually run, with the conv weight-gradient formula corrected for groups.
+    Elementwise work (norms, activations, the optimizer) is not counted."""
+    counter = FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten.convolution_backward: _conv_backward_flop})
+    with counter:
+        case.step()
+    return counter.get_total_flops()
+
+
 # -- peak memory, one process per method ----------------------------------------------------
 def _status_mib(field: str) -> float:
     with open('/proc/self/status') as f:
@@ -460,13 +489,15 @@ def run_benchmark(cfg: BenchConfig, progress: Callable[[str], None] | None = Non
                               device, progress)
     trainable = {m: c.trainable for m, c in cases.items()}
     saved = {m: saved_activation_mib(c) for m, c in cases.items() if not m.startswith(EAGER)}
+    # counted on the eager backbone: a compiled one runs generated kernels, not aten ops
+    flops = {m: step_flops(cases.get(EAGER + m, cases[m])) for m in cfg.methods}
     del cases
     medians = {m: {k: statistics.median(v) for k, v in t.items()} for m, t in times.items()}
     for method in cfg.methods:
         med = medians[method]
         row = dict(method=method, label=LABELS.get(method, method), trainable=trainable[method],
                    s_step=med['wall'], cpu_s_step=med['cpu'], saved_mib=saved[method],
-                   times=times[method])
+                   gflop=flops[method] / 1e9, times=times[method])
         if cfg.compile:
             eager = medians[EAGER + method]
             row.update(eager_s_step=eager['wall'], eager_cpu_s_step=eager['cpu'],
@@ -475,6 +506,7 @@ def run_benchmark(cfg: BenchConfig, progress: Callable[[str], None] | None = Non
         for ref in ('Floor', 'LoRA', 'Full'):
             if ref in medians:
                 row[f'x_{ref}'] = med[cfg.clock] / medians[ref][cfg.clock]
+                row[f'flop_x_{ref}'] = flops[method] / flops[ref]
         result.rows.append(row)
     if cfg.inference:
         inf = merged_inference_times(cfg, progress)
@@ -518,7 +550,8 @@ def format_table(result: BenchResult) -> str:
     clock = 'CPU' if cfg['clock'] == 'cpu' else 'wall'
     compiled = any('eager_s_step' in row for row in result.rows)
     header = ['method', 'trainable', 'wall s/step', 'CPU s/step'] + [
-        f'x {r} ({clock})' for r in refs] + ['saved for backward MiB']
+        f'x {r} ({clock})' for r in refs] + ['saved for backward MiB', 'GFLOP/step'] + [
+        f'GFLOP x {r}' for r in refs if r != 'LoRA']
     header += ['eager wall s/step', f'compiled x eager ({clock})'] if compiled else []
     rss = any('peak_rss_mib' in row for row in result.rows)
     if mem:
@@ -528,7 +561,9 @@ def format_table(result: BenchResult) -> str:
     for row in result.rows:
         cells = [row['label'], f'{row["trainable"]:,}', f'{row["s_step"]:.3f}',
                  f'{row["cpu_s_step"]:.3f}']
-        cells += [f'{row[f"x_{r}"]:.2f}' for r in refs] + [f'{row["saved_mib"]:.0f}']
+        cells += [f'{row[f"x_{r}"]:.2f}' for r in refs] + [f'{row["saved_mib"]:.0f}',
+                                                          f'{row["gflop"]:.1f}']
+        cells += [f'{row[f"flop_x_{r}"]:.2f}' for r in refs if r != 'LoRA']
         if compiled:
             cells += [f'{row["eager_s_step"]:.3f}', f'{row["compiled_x_eager"]:.2f}']
         if mem:
