@@ -89,29 +89,3 @@ class _FactoredLinear(torch.autograd.Function):
             grad_up = (mid.t() @ grad).mul_(scale)
         return grad_x, grad_weight, grad_bias, grad_down, grad_core, grad_up, None
 
-
-def cast_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x.to(weight.dtype) @ weight``, keeping ``x`` itself for backward rather than the cast
-    copy. For fp32 adapters on a low-precision backbone: composed from autograd's ops, the
-    product keeps the fp32 copy of every adapted layer's input (twice the bf16 input), which
-    the rebuilt-input hooks (``peft.recompute``) cannot replace; ``x`` they can."""
-    return _CastMatmul.apply(x, weight)
-
-
-class _CastMatmul(torch.autograd.Function):
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        return x.to(weight.dtype) @ weight
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        grad_x = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad @ weight.t()).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            # the thin operand transposed (module docstring)
-            grad_weight = (grad.t() @ x.to(weight.dtype)).t()
-        return grad_x, grad_weight

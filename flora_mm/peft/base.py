@@ -22,7 +22,7 @@ from mmengine.logging import print_log
 from torch import nn
 from torch.func import functional_call
 
-from ..ops import (cast_matmul, conv2d_forward, factored_linear,
+from ..ops import (cast_conv, cast_matmul, conv2d_forward, factored_linear,
                    linear_or_conv_with_recomputed_weight, recomputed_weight_serves)
 
 # Layer kinds a config may name in ``targets.types``; subclasses (mmcv/mmengine wrappers, timm's
@@ -261,10 +261,17 @@ class AdapterLayer(nn.Module):
         place (a conv does not keep its output for backward)."""
         down, kernel, up = self.conv_factors()
         conv = _CONV_FNS[self.kind]
-        h = x_update if torch.is_autocast_enabled(x.device.type) else x_update.to(kernel.dtype)
+        layer = self.base_layer
+        # fp32 adapters on a low-precision backbone, outside autocast: the first conv casts
+        # inside, so that backward keeps the input, not an fp32 copy of it (ops.cast_conv)
+        cast = not torch.is_autocast_enabled(x.device.type) and x_update.dtype != kernel.dtype
+        h = x_update
         if down is not None:
-            h = conv(h, down)
-        h = self.base_layer._conv_forward(h, kernel, None)
+            h = cast_conv(h, down) if cast else conv(h, down)
+        if cast and down is None:
+            h = cast_conv(h, kernel, layer.stride, layer.padding, layer.dilation)
+        else:
+            h = layer._conv_forward(h, kernel, None)
         out = self.base_op(x, self.weight, self.bias)
         update = conv(h, up)
         if update.dtype == out.dtype:
