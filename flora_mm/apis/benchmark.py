@@ -582,7 +582,8 @@ def format_table(result: BenchResult) -> str:
 
 
 def plot_result(result: BenchResult, path: str) -> None:
-    """Bar chart of time and peak memory per method, Floor marked (needs matplotlib)."""
+    """Bar charts of time, arithmetic and peak memory per method, Floor marked (needs
+    matplotlib)."""
     try:
         import matplotlib
         matplotlib.use('Agg')
@@ -595,6 +596,9 @@ def plot_result(result: BenchResult, path: str) -> None:
     panels = [('cpu_s_step' if clock == 'cpu' else 's_step',
                f'seconds per training step ({"CPU time" if clock == "cpu" else "wall"})',
                'x_Floor')]
+    if all('gflop' in r for r in rows):  # what a step computes, beside what it takes
+        panels.append(('gflop', 'arithmetic per step (GFLOP, matmuls and convs)',
+                       'flop_x_Floor'))
     if all('peak_mib' in r for r in rows):
         panels.append(('peak_mib', 'peak memory allocated (MiB)', 'mem_x_Floor'))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 0.5 * len(rows) + 2),
@@ -612,7 +616,7 @@ def plot_result(result: BenchResult, path: str) -> None:
         ax.set_xlabel(title)
         top = max(values)
         for y, r in zip(ypos, rows):
-            text = f'{r[key]:.0f}' if key == 'peak_mib' else f'{r[key]:.2f}'
+            text = f'{r[key]:.0f}' if key in ('peak_mib', 'gflop') else f'{r[key]:.2f}'
             if ratio in r:
                 text += f'  ({r[ratio]:.2f}x Floor)'
             # a white box: the Floor line must not run through a shorter bar's label
