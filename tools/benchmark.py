@@ -1,12 +1,13 @@
-"""Time and peak memory of a training step per PEFT method, against the physical limit.
+"""Time, arithmetic and peak memory of a PEFT training step, against the physical limit.
 
     python tools/benchmark.py [--arch tiny] [--batch 8] [--size 224] [--rounds 6]
         [--methods Floor LoRA FLoRA ...] [--compile] [--bf16] [--json OUT] [--plot OUT.png]
 
 The methods are timed interleaved in one process (median per method after a warm-up) and
-compared with ``Floor`` (frozen backbone, gradients to the input), LoRA and Full; peak memory
-is measured per method in its own process. See flora_mm/apis/benchmark.py and
-docs/performance.md for what is measured and the allocator setting.
+compared with ``Floor`` (frozen backbone, gradients to the input), LoRA and Full; each step's
+FLOPs are counted on the ops it runs; peak memory is measured per method in its own process.
+See flora_mm/apis/benchmark.py and docs/performance.md for what is measured and the allocator
+setting.
 """
 from __future__ import annotations
 

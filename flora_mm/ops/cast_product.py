@@ -40,8 +40,8 @@ class _CastMatmul(torch.autograd.Function):
         return grad_x, grad_weight
 
 
-def cast_conv(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int] = 1,
-              padding: Sequence[int] = 0, dilation: Sequence[int] = 1,
+def cast_conv(x: torch.Tensor, weight: torch.Tensor, stride: int | Sequence[int] = 1,
+              padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1,
               groups: int = 1) -> torch.Tensor:
     """``convNd(x.to(weight.dtype), weight)`` with zero padding given as numbers, keeping
     ``x`` itself for backward; ``x`` batched or not."""
@@ -52,6 +52,7 @@ def cast_conv(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int] = 1,
         if len(value) != dims or not all(isinstance(v, int) for v in value):
             raise ValueError(f'cast_conv: {what} must be an int or {dims} ints, got {value!r}')
         return value
+
     if x.dim() not in (dims + 1, dims + 2):
         raise ValueError(f'cast_conv: a {dims}-D conv needs a {dims + 1}-D (unbatched) or '
                          f'{dims + 2}-D input, got {x.dim()}-D')
