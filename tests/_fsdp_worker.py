@@ -9,7 +9,8 @@ backbone with a PEFT method, a linear head), wraps one copy in DDP and shards th
 batches (``ac``: torch's composable activation checkpointing per unit; ``bf16``: the units
 compute in bf16 over fp32 parameters) and writes what the test checks to OUT/rank{R}.pt:
 losses, local shard sizes, the gathered trainable tensors of both copies, base checksums
-sharded vs whole, update norms.
+sharded vs whole, update norms, and how many adapter inputs each copy rebuilt in backward
+(the backbones' lean blocks, which run inside FSDP units as inside DDP).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from flora_mm.models import ConvNeXtV2, InternViT
 from flora_mm.peft import adapter_layers, inject_adapters
 from flora_mm.peft.io import base_fingerprint, base_state_names
 from flora_mm.peft.norms import update_sq_norm
+from flora_mm.peft.recompute import RecomputeStats
 
 STEPS = 4
 PEFT = {
@@ -107,6 +109,12 @@ def main() -> None:
         if tag == 'fsdp':
             measured['optimizer'] = sum(_local_bytes(v) for state in opt.state.values()
                                         for v in state.values() if v.dim() > 0)
+    rebuilt = {}  # one more forward + backward, counting the rebuilt adapter inputs
+    for tag, net, model in (('ddp', ref, ddp), ('fsdp', sharded, sharded)):
+        net.backbone.recompute_stats = stats = RecomputeStats()
+        nn.functional.cross_entropy(model(x), y).backward()
+        net.backbone.recompute_stats = None
+        rebuilt[tag] = (stats.replaced, stats.recomputed)
     measured['params'] = {}
     for p in sharded.parameters():  # the padded shard FSDP allocated (rank 0: no padding)
         key = str(p.dtype).replace('torch.', '')
@@ -126,7 +134,7 @@ def main() -> None:
         fingerprints=(whole_fingerprint, sharded_fingerprint),
         ddp={n: ref_params[n].detach().clone() for n in trainable_names},
         plan=dict(params=dict(plan.params), gradients=plan.gradients, optimizer=plan.optimizer),
-        measured=measured,
+        measured=measured, rebuilt=rebuilt,
         fsdp=gathered, norms_sharded=norms_sharded, norms_whole=norms_whole,
     ), os.path.join(out, f'rank{rank}.pt'))
     dist.destroy_process_group()

@@ -45,6 +45,7 @@ def _torchrun(args: list[str], nproc: int = 2, timeout: int = 300, cwd: str | No
 
 
 @pytest.mark.parametrize('backbone,method,opts', [('internvit', 'flora', ''),
+                                                  ('convnext', 'flora', ''),
                                                   ('convnext', 'flora', 'ac'),
                                                   ('internvit', 'full', ''),
                                                   ('internvit', 'dora', '')])
@@ -83,6 +84,19 @@ def test_fsdp_matches_ddp_and_shards_half(tmp_path, backbone, method, opts):
             assert r['fsdp'][name].shape == value.shape, name
             torch.testing.assert_close(r['fsdp'][name], value, rtol=1e-5, atol=1e-6,
                                        msg=lambda m, n=name: f'{n}: {m}')
+    # FSDP units run the backbones' lean blocks as DDP does: the adapted layers' inputs are
+    # rebuilt in backward (InternViT: qkv, fc1, fc2 in each of 4 blocks), except under the
+    # units' own activation checkpointing, which recomputes the whole block
+    for r in ranks:
+        ddp_replaced, ddp_rebuilt = r['rebuilt']['ddp']
+        assert ddp_replaced == ddp_rebuilt
+        if method == 'full':
+            assert ddp_replaced == 0
+        elif backbone == 'internvit':
+            assert ddp_replaced == 3 * 4
+        else:
+            assert ddp_replaced >= 2 * 12  # fc1, fc2 of 12 blocks; a conv may save 2 views
+        assert r['rebuilt']['fsdp'] == ((0, 0) if 'ac' in opts else r['rebuilt']['ddp'])
     # the base checksum of the sharded model (per shard, summed over ranks) is the whole one
     # (Full trains every backbone tensor: no frozen base to check)
     assert bool(ranks[0]['whole_sums']) == (method != 'full')

@@ -204,6 +204,8 @@ def test_internvit_lean_blocks_are_bit_identical(method, dtype, path):
 @pytest.mark.parametrize('arch,size', [('atto', 64), ('tiny', 32)])
 def test_block_forward_is_timms_block(arch, size):
     """The one-pass GRN is timm's GRN up to rounding, in values and in gradients."""
+    from timm.models.convnext import ConvNeXtBlock
+
     from flora_mm.models.convnextv2 import _block_forward
     torch.manual_seed(0)
     model = ConvNeXtV2(arch=arch)
@@ -212,29 +214,49 @@ def test_block_forward_is_timms_block(arch, size):
         block.mlp.grn.weight.normal_(0.0, 0.5)
         block.mlp.grn.bias.normal_(0.0, 0.5)
     x = torch.randn(2, block.conv_dw.in_channels, size // 8, size // 8, requires_grad=True)
-    ours = _block_forward(block, x)
+    assert type(block).forward is not ConvNeXtBlock.forward  # the block runs ours
+    ours = block(x)
     (gx_ours,) = torch.autograd.grad(ours.square().sum(), x)
-    theirs = block(x)
+    torch.testing.assert_close(_block_forward(block, x), ours, rtol=0, atol=0)
+    theirs = ConvNeXtBlock.forward(block, x)  # timm's own
     (gx_theirs,) = torch.autograd.grad(theirs.square().sum(), x)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gx_ours, gx_theirs, rtol=1e-4, atol=1e-4)
     assert not torch.equal(ours, x)  # the block did something
 
 
-def test_hooks_on_a_block_still_run():
-    """A block with hooks is called as a module (timm's forward, hooks run); the others keep
-    the lean path."""
+def test_hooks_on_a_block_run_and_the_block_stays_lean():
+    """The lean path is the block's own forward: a block with hooks runs them, and its adapted
+    layers still keep no copy of their inputs."""
     model = _adapted('atto', 'FLoRA')
     for module in model.modules():
         if isinstance(module, AdapterLayer):
             module.conv_path = 'materialised'  # one saved view of each input (see above)
     calls = []
-    model.stages[1].blocks[0].register_forward_hook(lambda m, a, o: calls.append(o.shape))
+    block = model.stages[1].blocks[0]
+    block.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs),
+                                    with_kwargs=True)
+    block.register_forward_hook(lambda m, a, o: calls.append(o.shape))
     model.recompute_stats = stats = RecomputeStats()
     sum(o.sum() for o in model(torch.randn(1, 3, 64, 64))).backward()
-    assert len(calls) == 1
+    assert calls == [dict(lean=True), torch.Size([1, 80, 8, 8])]
     blocks = sum(len(s.blocks) for s in model.stages)
-    assert stats.replaced == 2 * (blocks - 1)
+    assert stats.replaced == stats.recomputed == 2 * blocks
+
+
+def test_recompute_stats_reach_every_block():
+    """Set on the backbone, the counter reaches the blocks (which count in their own forward)
+    and is taken back from them."""
+    from flora_mm.models import InternViT
+    from flora_mm.peft.recompute import LeanBlock
+    for model in (ConvNeXtV2('atto'), InternViT('tiny', img_size=28, with_fpn=False)):
+        blocks = [m for m in model.modules() if isinstance(m, LeanBlock)]
+        assert blocks and model.recompute_stats is None
+        model.recompute_stats = stats = RecomputeStats()
+        assert model.recompute_stats is stats
+        assert all(b.recompute_stats is stats for b in blocks)
+        model.recompute_stats = None
+        assert all(b.recompute_stats is None for b in blocks)
 
 
 def test_helper_refuses_a_rebuild_of_another_layout():

@@ -139,7 +139,9 @@ def shard_model(model: nn.Module, *, units: Sequence[str] = DEFAULT_UNITS,
     fine-tuning); the root (heads, necks, embeddings) always computes in its storage dtype.
     ``activation_checkpointing``: torch's composable, non-reentrant checkpoint per innermost
     unit (the blocks; adapters inside a frozen block still get gradients); the backbones' own
-    ``with_cp`` does the same per block, so turn on one of the two.
+    ``with_cp`` does the same per block, so turn on one of the two. With it, the backbones stop
+    rebuilding adapter inputs themselves (``recompute_adapter_inputs``): the checkpoint
+    recomputes the whole block anyway.
     """
     from torch.distributed._composable import checkpoint as composable_checkpoint
     from torch.distributed.device_mesh import init_device_mesh
@@ -163,6 +165,12 @@ def shard_model(model: nn.Module, *, units: Sequence[str] = DEFAULT_UNITS,
         raise ValueError(f'FSDP: no submodule matches the unit patterns {list(units)}; every '
                          'parameter would sit in one unit (no memory saving)')
     check_unit_grad_dtypes(model, names, _dtype(param_dtype))
+    if activation_checkpointing:
+        # the lean blocks' saved-tensor hooks would sit inside the checkpointed region and keep
+        # their sources alive there: what the backbones do under their own with_cp
+        for module in model.modules():
+            if hasattr(module, 'recompute_adapter_inputs'):
+                module.recompute_adapter_inputs = False
     # outermost units hand their output to the root, which computes in its storage dtype:
     # with a low-precision param_dtype their outputs go back to fp32
     outer_policy = mp_policy

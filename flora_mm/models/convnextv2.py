@@ -24,7 +24,8 @@ from flora_mm.registry import MODELS
 
 from ..ops import conv2d_forward
 from ..peft.base import AdapterLayer
-from ..peft.recompute import RecomputeStats, has_call_hooks, run_with_recomputed_input
+from ..peft.recompute import (LeanBlock, RecomputeStats, RecomputeStatsAttribute,
+                              has_call_hooks, run_with_recomputed_input)
 
 from ._checkpoint import (DEFAULT_MIN_LOADED_SHARE, init_weights_from_cfg, load_by_keys,
                           read_state_dict, select_prefix)
@@ -66,8 +67,13 @@ class ConvNeXtV2(BaseModule):
             a local checkpoint in timm or official ConvNeXt-V2/FCMAE key layout; other mmengine
             init configs are applied as usual.
 
-    The blocks run ``_block_forward``: timm's block with GRN computed in one pass.
+    The blocks run ``_block_forward`` (``ConvNeXtV2Block``): timm's block with GRN computed in
+    one pass.
     """
+
+    #: set a RecomputeStats here to have the lean block path count what it does (tests,
+    #: benchmark); None in training, where counting would only grow
+    recompute_stats = RecomputeStatsAttribute()
 
     def __init__(self,
                  arch: str = 'atto',
@@ -89,15 +95,18 @@ class ConvNeXtV2(BaseModule):
         self.frozen_stages = frozen_stages
         self.with_cp = with_cp
         self.recompute_adapter_inputs = recompute_adapter_inputs
-        #: set a RecomputeStats here to have the lean block path count what it does (tests,
-        #: benchmark); None in training, where counting would only grow
-        self.recompute_stats: Optional[RecomputeStats] = None
 
         # pretrained=False: weights only ever come from local files (init_weights).
         model = timm.create_model(f'convnextv2_{arch}', pretrained=False, num_classes=0,
                                   drop_path_rate=drop_path_rate)
         self.stem = model.stem
         self.stages = model.stages
+        for stage in self.stages:
+            for block in stage.blocks:
+                if _has_grn_layout(block):
+                    # timm's stages build ConvNeXtBlocks; the subclass adds a forward and no
+                    # state (same parameters, keys and init), so the instances switch class
+                    block.__class__ = ConvNeXtV2Block
         # model.head (final norm + classifier) is deliberately not kept.
         dims = CONVNEXTV2_ARCHS[arch][1]
         self.out_channels = [dims[i] for i in self.out_indices]
@@ -128,19 +137,16 @@ class ConvNeXtV2(BaseModule):
             x = stage.downsample(x)
             for block in stage.blocks:
                 if self.with_cp and training:
-                    x = checkpoint(self._run_block, block, x, False, use_reentrant=False)
+                    x = checkpoint(block, x, use_reentrant=False)
+                elif isinstance(block, ConvNeXtV2Block):  # FSDP2 units too (a subclass)
+                    x = block(x, lean=lean)
                 else:
-                    x = self._run_block(block, x, lean)
+                    x = block(x)
             if i in self.out_indices:
                 outs.append(getattr(self, f'norm{i}')(x) if self.out_norm else x)
         # timm's LayerNorm2d returns a channels-last strided view, and convs keep that layout;
         # mmcv's RoIAlign / RoIAlignRotated read raw NCHW memory and give wrong features for it
         return tuple(o.contiguous() for o in outs)
-
-    def _run_block(self, block: nn.Module, x: torch.Tensor, lean: bool) -> torch.Tensor:
-        if _is_grn_block(block):
-            return _block_forward(block, x, lean, self.recompute_stats)
-        return block(x)
 
     # ------------------------------------------------------------------ pretrained weights
     def init_weights(self) -> None:
@@ -212,12 +218,21 @@ class ConvNeXtV2(BaseModule):
         return out
 
 
-def _is_grn_block(block: nn.Module) -> bool:
-    """A timm ConvNeXt-V2 block of the layout ``_block_forward`` computes, without hooks
-    (and not an FSDP2 unit, whose class fully_shard replaced): others run their own forward."""
+def _has_grn_layout(block: nn.Module) -> bool:
+    """A timm ConvNeXt-V2 block of the layout ``_block_forward`` computes (others keep timm's
+    class and forward)."""
     return (type(block) is ConvNeXtBlock and type(block.mlp) is GlobalResponseNormMlp
             and type(block.mlp.grn) is GlobalResponseNorm
-            and isinstance(block.shortcut, nn.Identity) and not has_call_hooks(block))
+            and isinstance(block.shortcut, nn.Identity))
+
+
+class ConvNeXtV2Block(LeanBlock, ConvNeXtBlock):
+    """timm's ConvNeXt-V2 block whose forward is ``_block_forward``: with ``lean``, adapted
+    fc1/fc2 keep no copy of their inputs. As the block's own forward it runs inside the
+    module's call (hooks, FSDP2's unshard/reshard)."""
+
+    def forward(self, x: torch.Tensor, lean: bool = False) -> torch.Tensor:
+        return _block_forward(self, x, lean, self.recompute_stats)
 
 
 def _block_forward(block: ConvNeXtBlock, x: torch.Tensor, lean: bool = False,

@@ -23,7 +23,8 @@ from torch.utils.checkpoint import checkpoint
 from flora_mm.registry import MODELS
 
 from ..peft.base import AdapterLayer
-from ..peft.recompute import RecomputeStats, has_call_hooks, run_with_recomputed_input
+from ..peft.recompute import (LeanBlock, RecomputeStats, RecomputeStatsAttribute,
+                              run_with_recomputed_input)
 
 from ._checkpoint import (DEFAULT_MIN_LOADED_SHARE, init_weights_from_cfg, load_by_keys,
                           read_state_dict, select_prefix)
@@ -101,6 +102,9 @@ class InternViT(BaseModule):
             file in InternVL or HF InternViT layout.
     """
 
+    #: set a RecomputeStats here to count what the lean block path does (tests, benchmark)
+    recompute_stats = RecomputeStatsAttribute()
+
     def __init__(self,
                  arch: Union[str, dict] = 'tiny',
                  img_size: Optional[Union[int, Tuple[int, int]]] = None,
@@ -126,8 +130,6 @@ class InternViT(BaseModule):
         self.compute_dtype = _DTYPES[dtype]
         self.with_cp = with_cp
         self.recompute_adapter_inputs = recompute_adapter_inputs
-        #: set a RecomputeStats here to count what the lean block path does (tests, benchmark)
-        self.recompute_stats: Optional[RecomputeStats] = None
         depth = cfg['depth']
         embed_dim = self.embed_dim = cfg['embed_dim']
 
@@ -145,7 +147,7 @@ class InternViT(BaseModule):
             mlp_ratio=cfg['mlp_ratio'], qkv_bias=cfg['qkv_bias'], qk_norm=cfg['qk_norm'],
             init_values=cfg['init_values'], num_classes=0, global_pool='', class_token=True,
             final_norm=False, dynamic_img_size=True, drop_path_rate=drop_path_rate,
-            norm_layer=norm_layer, attn_layer=InternAttention)
+            norm_layer=norm_layer, attn_layer=InternAttention, block_fn=InternViTBlock)
         # Keep only what InternVL's segmentation backbone has, under the same names.
         self.patch_embed = vit.patch_embed
         self.cls_token = vit.cls_token
@@ -197,10 +199,8 @@ class InternViT(BaseModule):
         for i, block in enumerate(self.blocks):
             if use_cp:
                 x = checkpoint(block, x, use_reentrant=False)
-            elif lean and _has_adapters(block):
-                x = _lean_block_forward(block, x, self.recompute_stats)
-            else:
-                x = block(x)
+            else:  # FSDP2 units too (a subclass)
+                x = block(x, lean=lean) if isinstance(block, InternViTBlock) else block(x)
             if i in self.out_indices:
                 feats.append(x[:, 1:].transpose(1, 2).reshape(B, self.embed_dim, h, w))
 
@@ -288,10 +288,22 @@ def hf_to_internvl(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return out
 
 
-def _has_adapters(block: nn.Module) -> bool:
-    """A timm ViT block of the layout ``_lean_block_forward`` replicates, with an adapter on
-    qkv, fc1 or fc2, without hooks and not an FSDP2 unit (those run timm's own forward)."""
-    if type(block) is not Block or type(block.mlp) is not Mlp or has_call_hooks(block):
+class InternViTBlock(LeanBlock, Block):
+    """timm's ViT block; with ``lean``, adapted qkv, fc1 and fc2 keep no copy of their inputs
+    (``_lean_block_forward``). As the block's own forward it runs inside the module's call
+    (hooks, FSDP2's unshard/reshard)."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False, lean: bool = False) -> torch.Tensor:
+        if lean and attn_mask is None and not is_causal and _has_adapters(self):
+            return _lean_block_forward(self, x, self.recompute_stats)
+        return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+
+
+def _has_adapters(block: Block) -> bool:
+    """A block of the layout ``_lean_block_forward`` replicates (timm's Mlp), with an adapter
+    on qkv, fc1 or fc2."""
+    if type(block.mlp) is not Mlp:
         return False
     return any(isinstance(m, AdapterLayer) for m in (block.attn.qkv, block.mlp.fc1,
                                                       block.mlp.fc2))
