@@ -7,20 +7,14 @@ from torch import nn
 
 from flora_mm.ops import cast_conv, cast_matmul
 from flora_mm.peft import AdapterLayer, inject_adapters
+from tests.test_factored_linear import saved_tensors
 
 
 def kept_while(run):
     """(dtype, shape, storage) of every tensor autograd keeps for backward while ``run()``
     runs, and what it returned."""
-    kept = []
-
-    def pack(t):
-        kept.append((str(t.dtype), tuple(t.shape), t.untyped_storage().data_ptr()))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = run()
-    return kept, out
+    kept, out = saved_tensors(run)
+    return [(str(t.dtype), tuple(t.shape), t.untyped_storage().data_ptr()) for t in kept], out
 
 
 def assert_same_as_composed(op, composed, x, weight):

@@ -68,21 +68,26 @@ def test_backward_keeps_no_product_of_the_factors(method):
     out.sum().backward()
 
 
-def saved_shapes(run, known) -> tuple[list, object]:
-    """The shapes of what autograd keeps for backward while ``run()`` runs, other than the
-    storages of the ``known`` tensors; and what ``run()`` returned (also used by
-    tests/test_recomputed_weight.py)."""
-    ptrs = {t.untyped_storage().data_ptr() for t in known}
+def saved_tensors(run) -> tuple[list[torch.Tensor], object]:
+    """Every tensor autograd keeps for backward while ``run()`` runs, and what ``run()``
+    returned (also used by tests/test_recomputed_weight.py and tests/test_cast_product.py)."""
     kept = []
 
     def pack(t):
-        if t.untyped_storage().data_ptr() not in ptrs:
-            kept.append(tuple(t.shape))
+        kept.append(t)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = run()
     return kept, out
+
+
+def saved_shapes(run, known) -> tuple[list, object]:
+    """The shapes of what autograd keeps for backward while ``run()`` runs, other than the
+    storages of the ``known`` tensors; and what ``run()`` returned."""
+    ptrs = {t.untyped_storage().data_ptr() for t in known}
+    kept, out = saved_tensors(run)
+    return [tuple(t.shape) for t in kept if t.untyped_storage().data_ptr() not in ptrs], out
 
 
 def backward_names(t: torch.Tensor) -> set[str]:
