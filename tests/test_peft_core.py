@@ -323,6 +323,13 @@ def test_target_selection_include_exclude_and_types():
     (dict(type='FLoRA', ranks=[2, 2]), 'has 2 entries'),
     (dict(type='LoRA', dropout=1.5), 'dropout'),
     (dict(type='FLoRA', targets=dict(include=['('])), 'invalid regex'),
+    (dict(type='FLoRA', scale=float('nan')), 'scale must be a finite number'),
+    (dict(type='FLoRA', scale=float('inf')), 'scale must be a finite number'),
+    (dict(type='FLoRA', scale='4'), 'scale must be a finite number'),
+    (dict(type='FLoRA', init_std=float('nan')), 'init_std'),
+    (dict(type='LoRA', alpha=float('inf')), 'alpha'),
+    (dict(type='DoRA', alpha=-1), 'alpha'),
+    (dict(type='LoRA', dropout=float('nan')), 'dropout'),
 ])
 def test_bad_configs_fail_with_clear_errors(cfg, match):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(1), nn.Linear(4, 2))

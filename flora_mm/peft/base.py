@@ -570,6 +570,14 @@ def check_positive_int(value: Any, what: str) -> None:
         raise PEFTConfigError(f'{what} must be an integer >= 1, got {value!r}')
 
 
+def check_number(value: Any, what: str, positive: bool = False) -> None:
+    """A finite int or float (NaN and infinities pass ``<`` tests unnoticed), > 0 if asked."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or (positive and value <= 0)):
+        raise PEFTConfigError(f'{what} must be a finite number{" > 0" if positive else ""}, '
+                              f'got {value!r}')
+
+
 def kaiming_uniform_(tensor: torch.Tensor) -> None:
     """peft's LoRA-A init (kaiming uniform, a=sqrt(5)) for any 2-D tensor."""
     nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..registry import PEFT_METHODS
-from .base import AdapterLayer, LinearFactors, PEFTConfigError, PEFTMethod, check_positive_int
+from .base import (AdapterLayer, LinearFactors, PEFTConfigError, PEFTMethod, check_number,
+                   check_positive_int)
 
 
 def _mode_product(tensor: torch.Tensor, matrix: torch.Tensor, mode: int) -> torch.Tensor:
@@ -162,11 +163,9 @@ class FLoRA(PEFTMethod):
                 raise PEFTConfigError(f'{where}: ranks must be a list with one rank per mode')
             for r in cfg['ranks']:
                 check_positive_int(r, f'{where}: each of ranks')
-        if not isinstance(cfg['scale'], (int, float)):
-            raise PEFTConfigError(f'{where}: scale must be a number, got {cfg["scale"]!r}')
+        check_number(cfg['scale'], f'{where}: scale')
         if cfg['init'] not in FLORA_INITS:
             raise PEFTConfigError(f'{where}: init must be one of {FLORA_INITS}, '
                                   f'got {cfg["init"]!r}')
-        std = cfg['init_std']
-        if std is not None and (not isinstance(std, (int, float)) or std <= 0):
-            raise PEFTConfigError(f'{where}: init_std must be > 0 or None, got {std!r}')
+        if cfg['init_std'] is not None:
+            check_number(cfg['init_std'], f'{where}: init_std (or None)', positive=True)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..registry import PEFT_METHODS
-from .base import (AdapterLayer, LinearFactors, PEFTConfigError, PEFTMethod, check_positive_int,
+from .base import (AdapterLayer, LinearFactors, PEFTMethod, check_number, check_positive_int,
                    kaiming_uniform_)
 
 
@@ -84,9 +84,9 @@ class _LowRankMatrixMethod(PEFTMethod):
     def validate_layer_cfg(self, cfg: dict, where: str) -> None:
         super().validate_layer_cfg(cfg, where)
         check_positive_int(cfg['rank'], f'{where}: rank')
-        alpha = cfg['alpha']
-        if alpha is not None and (not isinstance(alpha, (int, float)) or alpha <= 0):
-            raise PEFTConfigError(f'{where}: alpha must be > 0 or None (= rank), got {alpha!r}')
+        if cfg['alpha'] is not None:
+            check_number(cfg['alpha'], f'{where}: alpha (or None for alpha = rank)',
+                         positive=True)
 
 
 @PEFT_METHODS.register_module()
