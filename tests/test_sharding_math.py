@@ -11,8 +11,9 @@ from flora_mm.apis.memory import optimizer_states_per_element, plan_model, shard
 from flora_mm.dist import checksums, partial_checksum
 from flora_mm.models import ConvNeXtV2, InternViT
 from flora_mm.peft import adapter_layers, inject_adapters
-from flora_mm.peft.flora import tucker_product
-from flora_mm.peft.norms import flora_sq_norm, lora_sq_norm, update_sq_norm
+from flora_mm.peft.flora import flora_sq_norm, tucker_product
+from flora_mm.peft.lora import lora_sq_norm
+from flora_mm.peft.norms import update_sq_norm
 
 
 # --------------------------------------------------------------------------- norms
