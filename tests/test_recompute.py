@@ -12,12 +12,12 @@ from flora_mm.peft import inject_adapters
 from flora_mm.peft.base import AdapterLayer
 from flora_mm.ops.recomputed_input import RecomputeStats, run_with_recomputed_input
 
+from ._methods import adapter_methods, method_table
+
 TARGETS = dict(types=['Conv2d', 'Linear'])
-METHODS = {
-    'FLoRA': dict(type='FLoRA', rank=4, kernel_rank=2, scale=4.0, targets=TARGETS),
-    'LoRA': dict(type='LoRA', rank=4, targets=TARGETS),
-    'DoRA': dict(type='DoRA', rank=4, targets=TARGETS),
-}
+# every registered method that adds tensors (tests/_methods.py)
+METHODS = method_table(rank=4, second=2, targets=TARGETS, settings=dict(FLoRA=dict(scale=4.0)),
+                       methods=adapter_methods())
 
 
 def _adapted(arch: str, method: str, linear_path: str = 'auto', drop_path: float = 0.0):
