@@ -34,6 +34,7 @@ from mmengine.logging import MMLogger
 from mmengine.registry import init_default_scope
 from torch import nn
 
+from ..checkpoint import to_plain
 from ..peft import (PEFTConfigError, PEFTMethod, build_peft_method, count_parameters,
                     injected_roots, remove_adapters)
 from ..registry import MODELS, PEFT_METHODS
@@ -164,15 +165,6 @@ def base_peft(config: str | Config) -> dict:
     """The config's ``model.backbone.peft`` as a plain dict."""
     cfg = _load(config)
     return to_plain(cfg.model.backbone.peft)
-
-
-def to_plain(value):
-    """ConfigDicts and tuples as plain dicts and lists (for copying, hashing and printing)."""
-    if isinstance(value, dict):
-        return {k: to_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_plain(v) for v in value]
-    return value
 
 
 def build_backbone_meta(cfg: Config, peft: Optional[dict] = None) -> nn.Module:
@@ -366,10 +358,10 @@ def solve_rank(config: str | Config, budget: str | float | Budget,
         raise BudgetError(f'{method} has no rank: only {rank_methods()} can be fitted to a '
                           'budget')
     peft = method_peft(kind, base)
-    with_rank(peft, 1)  # fails early on a config the method cannot solve (FLoRA's `ranks`)
+    smallest = with_rank(peft, 1)  # fails early on a config the method cannot solve
     backbone = _MetaBackbone(cfg)
-    saved = {k: v for k, v in peft.items() if k == 'modules_to_save'}
-    backbone_params = backbone.counts(dict(type='Frozen', **saved))['backbone_params']
+    # the pretrained backbone less modules_to_save: the same whatever is injected
+    backbone_params = backbone.counts(smallest)['backbone_params']
     target = budget.target(backbone_params)
 
     cache: dict[tuple, int] = {}
