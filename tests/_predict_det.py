@@ -3,9 +3,10 @@
     python tests/_predict_det.py OUT.pt CONFIG CHECKPOINT [CONFIG CHECKPOINT ...] [--vanilla]
 
 Imports nothing of flora_mm itself: only a config's ``custom_imports`` can bring it in. With
-``--vanilla`` each checkpoint is also loaded through mmdet's own ``init_detector``, and the run
-fails if flora_mm got imported: that is how tests/test_tools_merge_count.py shows that a merged
-checkpoint needs only mmdet + mmpretrain.
+``--vanilla`` each checkpoint is also loaded through mmdet's own ``init_detector`` and its
+config's optimizer is built (fine-tuning it further), and the run fails if flora_mm got
+imported: that is how tests/test_tools_merge_count.py shows that a merged checkpoint needs only
+mmdet + mmpretrain.
 """
 import argparse
 import sys
@@ -49,9 +50,13 @@ def main() -> None:
     results = {ckpt: predict(config, ckpt) for config, ckpt in pairs}
     if args.vanilla:
         from mmdet.apis import init_detector
+        from mmengine.optim import build_optim_wrapper
         for config, ckpt in pairs:
             detector = init_detector(config, ckpt, device='cpu')
             assert 'person' in detector.dataset_meta['classes'], detector.dataset_meta
+            optim = build_optim_wrapper(detector, Config.fromfile(config).optim_wrapper)
+            # the recipe's layer-wise decay, by mmdet's own constructor: several lr groups
+            assert len({g['lr'] for g in optim.optimizer.param_groups}) > 2
         loaded = [m for m in sys.modules if m == 'flora_mm' or m.startswith('flora_mm.')]
         assert not loaded, f'flora_mm was imported: {loaded[:5]}'
     torch.save(results, args.out)

@@ -134,7 +134,8 @@ def test_frozen_parameters_stay_out_and_bad_configs_fail():
         build(decay_rate=0.9, num_layers=4, custom_keys={})
     with pytest.raises(ValueError, match='decay_rate'):
         build(num_layers=4)
-    with pytest.raises(TypeError, match='ConvNeXtV2 and InternViT'):
+    with pytest.raises(ValueError, match='does not know the layers of Conv2d.*register a '
+                       'description'):
         build_optim_wrapper(Detector(nn.Conv2d(3, 64, 1), 64), dict(
             type='OptimWrapper', constructor='LayerDecayOptimWrapperConstructor',
             paramwise_cfg=dict(decay_rate=0.9, num_layers=4),

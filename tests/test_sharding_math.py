@@ -172,7 +172,7 @@ def test_estimate_memory_tool_full_internvit6b(capsys):
 
 
 def test_unit_grad_dtype_check_names_the_unit():
-    from flora_mm.engine.fsdp import DEFAULT_UNITS, check_unit_grad_dtypes, shard_units
+    from flora_mm.engine.fsdp import check_unit_grad_dtypes, shard_units
 
     class Net(nn.Module):
         def __init__(self):
@@ -181,9 +181,9 @@ def test_unit_grad_dtype_check_names_the_unit():
             self.head = nn.Linear(64, 2)
 
     model = Net()  # Full on a bf16 backbone: bf16 trainable embeddings, fp32 FPN and head
-    units = shard_units(model, DEFAULT_UNITS)
+    units = shard_units(model)  # from InternViT's description
     assert units[-1] == 'backbone' and 'backbone.blocks.0' in units and 'backbone.up1' in units
-    check_unit_grad_dtypes(model, units)  # default units keep each unit one dtype
+    check_unit_grad_dtypes(model, units)  # described units keep each unit one dtype
     with pytest.raises(ValueError, match='backbone'):
         check_unit_grad_dtypes(model, [u for u in units if not u.startswith('backbone.up')])
     with pytest.raises(ValueError, match='<root>'):  # no units: everything in the root

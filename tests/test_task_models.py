@@ -24,7 +24,6 @@ def use_internvit(cfg, task, tiny_root):
     cfg.model.backbone.backbone = dict(
         type='InternViT', arch='tiny', out_indices=(0, 1, 2, 3), with_fpn=True, with_cp=True,
         init_cfg=dict(type='Pretrained', checkpoint=f'{tiny_root}/checkpoints/internvit_tiny.pth'))
-    cfg.model.backbone.modules_to_save = [r'^up\d$']
     if task == 'ade20k':
         cfg.model.decode_head.in_channels = [64] * 4
         cfg.model.auxiliary_head.in_channels = 64

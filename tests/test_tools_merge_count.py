@@ -24,10 +24,10 @@ import torch
 from mmengine.config import Config
 
 from flora_mm.apis import MergeError, build_model, count_params, load_config, merge
-from flora_mm.apis.merge import build_mmpretrain_backbone
+from flora_mm.apis.merge import build_exported
 from flora_mm.datasets.checkpoints import generate_checkpoints
 from flora_mm.datasets.tiny import generate
-from flora_mm.models import ConvNeXtV2
+from flora_mm.models import ConvNeXtV2, describe
 from flora_mm.models.convnextv2 import (mmpretrain_convnext_cfg, timm_to_mmpretrain,
                                         timm_to_mmpretrain_key)
 
@@ -170,9 +170,12 @@ def test_timm_to_mmpretrain_convnext_same_features(arch):
         for name, p in ours.named_parameters():
             if 'grn' in name or name.startswith('norm'):
                 p.normal_(0.5, 0.2)
-    spec = mmpretrain_convnext_cfg(ours)
+    export = describe(ours).export(ours.state_dict(), {})
+    spec = export.cfg
     assert spec['type'] == 'mmpretrain.ConvNeXt' and spec['gap_before_final_norm'] is False
-    theirs = build_mmpretrain_backbone(spec, timm_to_mmpretrain(ours.state_dict()))
+    assert spec == mmpretrain_convnext_cfg(ours) and export.imports == ['mmpretrain.models']
+    assert export.state.keys() == timm_to_mmpretrain(ours.state_dict()).keys()
+    theirs = build_exported(export)
     theirs.eval()  # (mmpretrain's ConvNeXt.train returns None: no chaining)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -232,6 +235,7 @@ def test_merge_full_and_adapter_checkpoints_load_in_vanilla_mmdet(trained, monke
         text = open(out[:-len('.pth')] + '.py').read()
         assert 'flora_mm' not in text and 'FLoRAHook' not in text and 'PEFTBackbone' not in text
         assert "'mmpretrain.ConvNeXt'" in text and "'mmpretrain.models'" in text
+        assert "constructor='LearningRateDecayOptimizerConstructor'" in text
     sd_full = torch.load(out_full, weights_only=True)['state_dict']
     sd_adapter = torch.load(out_adapter, weights_only=True)['state_dict']
     assert sd_full.keys() == sd_adapter.keys()

@@ -2,9 +2,10 @@
 #     _base_ = ['./internvit6b_flora_r16.py', '../_base_/fsdp.py']
 # (or pass both settings with --cfg-options). It only takes effect in a distributed run
 # (tools/dist_train.sh, --launcher pytorch); a single-process run trains unsharded.
-# - FullyShardedModel (flora_mm/engine/fsdp.py): one fully_shard unit per InternViT block /
-#   ConvNeXt-V2 block, the patch embedding / stem, InternViT's FPN branches and the backbone's
-#   remaining tensors; heads and necks in the root unit.
+# - FullyShardedModel (flora_mm/engine/fsdp.py): one fully_shard unit per block of the backbone,
+#   its stem / patch embedding and InternViT's FPN branches, as the backbone's description names
+#   them (units=None; a list of regexes overrides it), and one for the backbone's remaining
+#   tensors; heads and necks in the root unit.
 #   param_dtype=None keeps each parameter's dtype for compute (bf16 frozen base, fp32 adapters);
 #   'bfloat16' computes the blocks in bf16 over fp32 master weights (Full fine-tuning).
 # - FSDPRunner: complete (gathered) checkpoints written by rank 0, loaded into the shards; an
@@ -12,8 +13,7 @@
 runner_type = 'FSDPRunner'
 model_wrapper_cfg = dict(
     type='FullyShardedModel',
-    units=[r'(^|\.)blocks\.\d+$', r'(^|\.)patch_embed$', r'(^|\.)stem$',
-           r'(^|\.)backbone\.up\d$', r'(^|\.)backbone$'],
+    units=None,
     activation_checkpointing=False,  # the backbones' own with_cp does it per block
     param_dtype=None,
     reduce_dtype='float32',

@@ -37,6 +37,7 @@ from torch import nn
 from ..checkpoint import to_plain
 from ..peft import (PEFTConfigError, PEFTMethod, build_peft_method, count_parameters,
                     injected_roots, remove_adapters)
+from ..models.peft_backbone import with_saved_modules
 from ..registry import MODELS, PEFT_METHODS
 from .config import get_scope, load_config
 
@@ -315,14 +316,13 @@ class _MetaBackbone:
 
     def __init__(self, cfg: Config) -> None:
         backbone = to_plain(cfg.model.backbone)
-        self.saved = list(backbone.get('modules_to_save') or [])
+        self.saved = backbone.get('modules_to_save')
         with _quiet(), torch.device('meta'):
             self.module = MODELS.build(backbone['backbone'])
 
     def counts(self, peft: dict) -> dict:
-        peft = dict(peft)
-        if self.saved:  # as PEFTBackbone adds its modules_to_save to the method's
-            peft['modules_to_save'] = list(peft.get('modules_to_save', [])) + self.saved
+        # as PEFTBackbone adds the backbone's new modules to the method's modules_to_save
+        peft = with_saved_modules(peft, self.module, self.saved)
         try:
             with _quiet():  # adapter tensors follow the (meta) weights they adapt
                 build_peft_method(peft).inject(self.module)

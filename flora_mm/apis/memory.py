@@ -22,13 +22,14 @@ checkpointing, and can only be measured on a GPU.
 from __future__ import annotations
 
 import math
-import re
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
+
+from ..engine.fsdp import shard_units
 
 STRATEGIES = ('ddp', 'fsdp')
 
@@ -97,13 +98,6 @@ class MemoryPlan:
         return out
 
 
-def _units(model: nn.Module, patterns: Sequence[str]) -> list[str]:
-    compiled = [re.compile(p) for p in patterns]
-    names = [n for n, _ in model.named_modules() if n and any(c.search(n) for c in compiled)]
-    # a parameter belongs to its deepest enclosing unit (fully_shard goes bottom-up)
-    return sorted(dict.fromkeys(names), key=lambda n: -n.count('.'))
-
-
 def _unit_of(name: str, units: list[str]) -> str:
     for unit in units:
         if name.startswith(unit + '.'):
@@ -126,10 +120,7 @@ def plan_model(model: nn.Module, optimizer_cfg: dict, gpus: int = 1, strategy: s
     states = optimizer_states_per_element(optimizer_cfg)
     plan = MemoryPlan(strategy=strategy, gpus=gpus, optimizer_states=states)
     fsdp = strategy == 'fsdp'
-    unit_names = _units(model, units) if fsdp and units is not None else []
-    if fsdp and units is None:
-        from ..engine.fsdp import DEFAULT_UNITS
-        unit_names = _units(model, DEFAULT_UNITS)
+    unit_names = shard_units(model, units) if fsdp else []
     unit_full: dict[str, int] = {}      # unit -> bytes of its gathered params (compute dtype)
     unit_grads: dict[str, int] = {}     # unit -> bytes of its unsharded gradients
     for name, p in model.named_parameters():

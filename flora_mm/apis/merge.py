@@ -7,14 +7,18 @@ config's pretrained ``init_cfg`` and must match the sidecar's fingerprint). The 
 tensors and plain Python values (torch.load(weights_only=True) reads it), and beside it the
 config to load it with: PEFTBackbone replaced by the plain backbone, no FLoRAHook.
 
-ConvNeXtV2 becomes mmpretrain's ``ConvNeXt`` (keys converted, see
-``flora_mm.models.convnextv2.timm_to_mmpretrain``) unless ``plain_keys``; InternViT and
-hook-adapted backbones keep their type. Unless ``check=False``, the written backbone is run on
-a random image and compared with the adapted one.
+A backbone whose description exports it (``flora_mm.models.describe(backbone).export``:
+ConvNeXtV2 becomes mmpretrain's ``ConvNeXt``, keys converted) becomes that vanilla class unless
+``plain_keys``; others (InternViT, OpenMMLab's own backbones) keep their type. Without flora_mm
+in the merged config, flora_mm's layer-decay constructor becomes the package's own for that
+backbone (mmdet's / mmseg's ``LearningRateDecayOptimizerConstructor``) or the default one, so
+plain OpenMMLab can fine-tune the merged model further. Unless ``check=False``, the written
+backbone is run on a random image and compared with the adapted one.
 """
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
 import math
 import os
@@ -31,15 +35,16 @@ from torch import nn
 from ..checkpoint import (CheckpointError, check_finite, check_keys, check_types,
                           load_checkpoint_file, mmengine_checkpoint_globals, state_dict_of,
                           to_plain)
-from ..models.convnextv2 import ConvNeXtV2, mmpretrain_convnext_cfg, timm_to_mmpretrain
+from ..models import Export, describe
 from ..peft import adapter_layers, injected_roots, remove_adapters
+from ..registry import MODELS
 from ..peft.io import load_adapter_checkpoint, read_adapter_info
 from ..utils import atomic_paths
 from .config import load_config
 from .model import build_model, is_flora_hook, peft_backbone_cfg
 
-MMPRETRAIN_HINT = ('install mmpretrain (pip install mmpretrain==1.2.0) or pass --plain-keys to '
-                   "keep flora_mm's ConvNeXtV2 type")
+EXPORT_HINT = ('install it (mmpretrain: pip install mmpretrain==1.2.0) or pass --plain-keys '
+               "to keep flora_mm's backbone type")
 
 
 class MergeError(RuntimeError):
@@ -120,17 +125,19 @@ def verify(ref: list[torch.Tensor], got: list[torch.Tensor], fp32: bool) -> floa
     return err
 
 
-def build_mmpretrain_backbone(backbone_cfg: dict, state: dict[str, torch.Tensor]) -> nn.Module:
-    """mmpretrain's ConvNeXt as the written config builds it, loaded strictly with ``state``."""
+def build_exported(export: Export) -> nn.Module:
+    """The exported backbone as the written config builds it, loaded strictly."""
+    for module in export.imports:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise MergeError(f'cannot import {module} ({err}), which the merged config needs; '
+                             f'{EXPORT_HINT}') from err
+    model = MODELS.build(copy.deepcopy(export.cfg))
     try:
-        from mmpretrain.models import ConvNeXt
-    except ImportError as err:
-        raise MergeError(f'cannot import mmpretrain ({err}): {MMPRETRAIN_HINT}') from err
-    model = ConvNeXt(**{k: v for k, v in backbone_cfg.items() if k != 'type'})
-    try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(export.state, strict=True)
     except RuntimeError as err:
-        raise MergeError(f'converted keys do not fit mmpretrain ConvNeXt: {err}') from err
+        raise MergeError(f'converted keys do not fit {export.cfg["type"]}: {err}') from err
     return model
 
 
@@ -156,9 +163,11 @@ def dataset_meta(cfg: Config) -> Optional[dict]:
         return None
 
 
-def merged_config(cfg: Config, backbone_cfg: Optional[dict], needs_flora_mm: bool,
-                  needs_mmpretrain: bool) -> Config:
-    """The config for the merged checkpoint: plain backbone, no FLoRAHook, matching imports."""
+def merged_config(cfg: Config, export: Optional[Export], backbone_cfg: Optional[dict],
+                  needs_flora_mm: bool) -> Config:
+    """The config for the merged checkpoint: plain backbone, no FLoRAHook, matching imports;
+    without flora_mm, the package's own layer-decay constructor (or the default one) in place
+    of flora_mm's, so that plain OpenMMLab can fine-tune the merged model further."""
     d = cfg.to_dict()
     if backbone_cfg is not None:
         d['model']['backbone'] = backbone_cfg
@@ -170,12 +179,22 @@ def merged_config(cfg: Config, backbone_cfg: Optional[dict], needs_flora_mm: boo
     imports = [i for i in imports if i != 'flora_mm' and not i.startswith('flora_mm.')]
     if needs_flora_mm:
         imports.insert(0, 'flora_mm')
-    if needs_mmpretrain and 'mmpretrain.models' not in imports:
-        imports.append('mmpretrain.models')
+    for module in (export.imports if export is not None else []):
+        if module not in imports:
+            imports.append(module)
     if imports:
         d['custom_imports'] = dict(custom, imports=imports)
     else:
         d.pop('custom_imports', None)
+    optim = d.get('optim_wrapper') or {}
+    if not needs_flora_mm and optim.get('constructor') == 'LayerDecayOptimWrapperConstructor':
+        vanilla = (export.layer_decay_constructor if export is not None else {}).get(
+            d.get('default_scope'))
+        if vanilla:  # same paramwise_cfg keys: decay_rate, decay_type, num_layers
+            optim['constructor'] = vanilla
+        else:
+            optim.pop('constructor')
+            optim.pop('paramwise_cfg', None)
     return Config(d)
 
 
@@ -220,28 +239,30 @@ def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
 
 
 def _plain_backbone(model: nn.Module, cfg: Config, plain_keys: bool
-                    ) -> tuple[dict[str, torch.Tensor], Optional[dict], bool]:
-    """State dict and backbone config to write for a merged model, and whether the backbone
-    became mmpretrain's ConvNeXt. A None config keeps the config's ``model.backbone``."""
+                    ) -> tuple[dict[str, torch.Tensor], Optional[dict], Optional[Export]]:
+    """State dict and backbone config to write for a merged model, and the export the
+    backbone's description made of it (None: the backbone keeps its class). A None config
+    keeps the config's ``model.backbone``."""
     state = OrderedDict((k, v.detach().cpu().contiguous()) for k, v in model.state_dict().items())
     backbone = getattr(model, 'backbone', None)
     peft_cfg = peft_backbone_cfg(cfg)
     inner_cfg = copy.deepcopy(peft_cfg['backbone'] if peft_cfg is not None
                               else cfg.model.get('backbone', {}))
     inner_cfg = inner_cfg.to_dict() if hasattr(inner_cfg, 'to_dict') else dict(inner_cfg)
-    if isinstance(backbone, ConvNeXtV2) and not plain_keys:
+    export = None
+    if isinstance(backbone, nn.Module) and not plain_keys:
         try:
-            spec = mmpretrain_convnext_cfg(backbone, inner_cfg.get('drop_path_rate', 0.0))
-            converted = timm_to_mmpretrain(_sub_state(state, 'backbone.'))
+            export = describe(backbone).export(_sub_state(state, 'backbone.'), inner_cfg)
         except ValueError as err:
             raise MergeError(f'{err}; pass --plain-keys') from err
+    if export is not None:
         state = OrderedDict([(k, v) for k, v in state.items() if not k.startswith('backbone.')]
-                            + [('backbone.' + k, v) for k, v in converted.items()])
-        return state, spec, True
+                            + [('backbone.' + k, v) for k, v in export.state.items()])
+        return state, export.cfg, export
     if peft_cfg is not None:
         inner_cfg.pop('init_cfg', None)  # the merged checkpoint holds every weight
-        return state, inner_cfg, False
-    return state, None, False
+        return state, inner_cfg, None
+    return state, None, None
 
 
 def _meta(src_meta: dict, cfg: Config, checkpoint: str, adapter: bool, methods: dict,
@@ -297,23 +318,23 @@ def merge(config: str, checkpoint: str, out: str, adapter: bool = False,
     layers = len(list(adapter_layers(model)))
     remove_adapters(model, merge=True)
 
-    state, backbone_cfg, to_mmpretrain = _plain_backbone(model, cfg, plain_keys)
+    state, backbone_cfg, export = _plain_backbone(model, cfg, plain_keys)
     # flora_mm stays imported only for modules vanilla OpenMMLab lacks (InternViT, --plain-keys)
     needs_flora_mm = any(_is_flora_mm(m) for name, m in model.named_modules()
-                         if not (to_mmpretrain and (name + '.').startswith('backbone.')))
+                         if not (export and (name + '.').startswith('backbone.')))
     err = None
     if ref is not None:
         fp32 = all(p.dtype == torch.float32 for p in backbone.parameters())
         written = backbone
-        if to_mmpretrain:
-            written = build_mmpretrain_backbone(backbone_cfg, _sub_state(state, 'backbone.'))
+        if export is not None:
+            written = build_exported(export)
         err = verify(ref, _features(written, probe), fp32)
         del written
 
     backbone_type = (backbone_cfg or {}).get('type', type(backbone).__name__)
     ckpt = {'meta': _meta(src_meta, cfg, checkpoint, adapter, methods, layers, backbone_type),
             'state_dict': state}
-    out_config = merged_config(cfg, backbone_cfg, needs_flora_mm, to_mmpretrain)
+    out_config = merged_config(cfg, export, backbone_cfg, needs_flora_mm)
     with atomic_paths(out, out_cfg) as (tmp_ckpt, tmp_cfg):
         torch.save(ckpt, tmp_ckpt)
         out_config.dump(tmp_cfg)

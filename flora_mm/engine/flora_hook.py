@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from mmengine.hooks import Hook
 
-from ..peft import DEFAULT_GROUP
 from ..registry import HOOKS
 from .hooks import (AdapterCheckpointHook, AdapterInjectionHook, ExactResumeHook,
                     FiniteCheckHook, FrozenWeightsHook, PlainCheckpointHook, TrainableSetHook,
@@ -34,7 +33,7 @@ class FLoRAHook(Hook):
     priority = 'VERY_HIGH'
 
     def __init__(self, peft: dict | None = None, parts: list[str] | tuple[str, ...] = ('backbone',),
-                 norm_interval: int = 50, group_pattern: str = DEFAULT_GROUP,
+                 norm_interval: int = 50, group_pattern: str | None = None,
                  save_adapter: bool = True, check_trainable: bool = True,
                  check_frozen: bool = True, check_finite: bool = True,
                  atomic_checkpoints: bool = True, exact_resume: bool = True,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import os
 import re
 import time
@@ -36,6 +37,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.distributed as dist
 from mmengine.dist import broadcast_object_list, get_rank, is_main_process
+from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.optim import OptimWrapper
 from mmengine.registry import MODEL_WRAPPERS, RUNNERS
@@ -45,15 +47,9 @@ from mmengine.utils import apply_to
 from torch import nn
 
 from ..dist import gather_full
+from ..models import describe
 from ..peft.base import AdapterLayer
 
-#: module names that become one FSDP unit each (``re.search``): InternViT's ``blocks.N``,
-#: ConvNeXt-V2's ``stages.S.blocks.N``, the patch embedding / stem, InternViT's simple-FPN
-#: branches ``up1..up4`` and the backbone itself (what is left of it: position embedding,
-#: class token, downsample layers, output norms). FSDP2 reduces ONE gradient dtype per unit, so
-#: a bf16 backbone's trainable leftovers and the fp32 FPN / heads must not share a unit.
-DEFAULT_UNITS = (r'(^|\.)blocks\.\d+$', r'(^|\.)patch_embed$', r'(^|\.)stem$',
-                 r'(^|\.)backbone\.up\d$', r'(^|\.)backbone$')
 _DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16,
            None: None}
 
@@ -75,10 +71,31 @@ def is_fully_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def shard_units(model: nn.Module, patterns: Sequence[str] = DEFAULT_UNITS) -> list[str]:
-    """Names of the submodules that become FSDP units, deepest first (fully_shard's order)."""
-    compiled = [re.compile(p) for p in patterns]
-    names = [n for n, _ in model.named_modules() if n and any(c.search(n) for c in compiled)]
+def described_units(model: nn.Module) -> list[str]:
+    """The FSDP units the backbone's description names (its blocks, stem / patch embedding,
+    a simple FPN) under ``backbone.``, and the backbone itself for what is left of it
+    (position embedding, downsample layers, output norms); heads and necks stay in the root.
+    A model without ``.backbone`` is described itself."""
+    backbone = getattr(model, 'backbone', None)
+    root, prefix = (model, '') if backbone is None else (backbone, 'backbone.')
+    description = describe(root)
+    blocks = [prefix + n for n in description.units()]
+    if not blocks:
+        print_log(f'FSDP: no blocks found in {description.name} (no description registered '
+                  'for it names them): its parameters form one unit, without per-block '
+                  'sharding. Register a description (flora_mm.models.register_description) or '
+                  'set model_wrapper_cfg.units.', logger='current', level=logging.WARNING)
+    return blocks + (['backbone'] if backbone is not None else [])
+
+
+def shard_units(model: nn.Module, patterns: Sequence[str] | None = None) -> list[str]:
+    """Names of the submodules that become FSDP units, deepest first (fully_shard's order):
+    those matching ``patterns`` (``re.search``), or by default ``described_units``."""
+    if patterns is None:
+        names = described_units(model)
+    else:
+        compiled = [re.compile(p) for p in patterns]
+        names = [n for n, _ in model.named_modules() if n and any(c.search(n) for c in compiled)]
     # a unit inside another unit is fine (bottom-up), but keep each name once
     names = list(dict.fromkeys(names))
     return sorted(names, key=lambda n: -n.count('.'))
@@ -124,7 +141,7 @@ def _sync_from_rank0(model: nn.Module) -> None:
         dist.broadcast(tensor.data, src=0)
 
 
-def shard_model(model: nn.Module, *, units: Sequence[str] = DEFAULT_UNITS,
+def shard_model(model: nn.Module, *, units: Sequence[str] | None = None,
                 activation_checkpointing: bool = False,
                 param_dtype: str | torch.dtype | None = None,
                 reduce_dtype: str | torch.dtype | None = 'float32',
@@ -162,8 +179,8 @@ def shard_model(model: nn.Module, *, units: Sequence[str] = DEFAULT_UNITS,
     _release_base_layer_params(model)
     names = shard_units(model, units)
     if not names:
-        raise ValueError(f'FSDP: no submodule matches the unit patterns {list(units)}; every '
-                         'parameter would sit in one unit (no memory saving)')
+        raise ValueError(f'FSDP: no submodule matches the unit patterns {list(units or [])}; '
+                         'every parameter would sit in one unit (no memory saving)')
     check_unit_grad_dtypes(model, names, _dtype(param_dtype))
     if activation_checkpointing:
         # the lean blocks' saved-tensor hooks would sit inside the checkpointed region and keep
@@ -208,7 +225,7 @@ class FullyShardedModel(nn.Module):
             would run it after wrapping, on shards); :class:`FSDPRunner` skips its own call.
     """
 
-    def __init__(self, module: nn.Module, units: Sequence[str] = DEFAULT_UNITS,
+    def __init__(self, module: nn.Module, units: Sequence[str] | None = None,
                  activation_checkpointing: bool = False,
                  param_dtype: str | None = None, reduce_dtype: str | None = 'float32',
                  reshard_after_forward: bool = True, init_before_sharding: bool = True) -> None:

@@ -1,21 +1,16 @@
-"""Layer-wise / stage-wise learning-rate decay for flora_mm's backbones.
+"""Layer-wise / stage-wise learning-rate decay for any described backbone.
 
 The references' recipes decay the learning rate with depth: mmdet's and mmseg's
 ``LearningRateDecayOptimizerConstructor`` for ConvNeXt and InternVL's
 ``CustomLayerDecayOptimizerConstructor`` (BEiT's) for InternViT-6B. Those constructors parse
-mmpretrain's ConvNeXt names (``backbone.downsample_layers.N``, ``backbone.stages.S.B``); on our
-timm-layout names (``backbone.stem``, ``backbone.stages.S.downsample``,
-``backbone.stages.S.blocks.B``) they fail or assign wrong ids. This constructor gives the same
-layer ids to the same layers under our names, with the references' semantics:
+one naming (mmpretrain's ConvNeXt, BEiT's ViT) and fail or assign wrong ids on others. Here the
+layer id of each backbone parameter comes from the backbone's description
+(``flora_mm.models.describe(backbone).layer_id``: the references' rules on each backbone's own
+names, see docs/backbones.md), with the references' semantics around it:
 
 - ``num_layers`` (config value) + 2 groups; a parameter with layer id ``i`` gets
   ``lr = base_lr * decay_rate ** (num_layers + 2 - i - 1)``: everything outside the backbone's
   layers (neck, heads, the backbone's new output norms / simple FPN) keeps ``base_lr``.
-- ConvNeXt ``layer_wise`` (mmdet/mmseg): stem 0, stage 0 blocks 1, stage 1 (downsample and
-  blocks) 2, stage 2 downsample 3, stage 2 block B ``3 + B // 3``, stage 3 ``num_layers``.
-- ConvNeXt ``stage_wise`` (mmseg): stem and every downsample 0, stage S blocks ``S + 1``.
-- InternViT ``layer_wise`` (InternVL): patch embedding, position embedding and class token 0,
-  block N ``N + 1``.
 - Weight decay 0 for 1-D parameters (norms, layer scales, DoRA's magnitude) and biases, as all
   three references do; everything else gets the optimizer's ``weight_decay``. (The references'
   extra ``name in ('pos_embed', 'cls_token')`` test compares model-level names, which start
@@ -27,8 +22,6 @@ layer ids to the same layers under our names, with the references' semantics:
 """
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
 from typing import Any
 
 import torch.nn as nn
@@ -36,64 +29,27 @@ from mmengine.logging import print_log
 from mmengine.optim import DefaultOptimWrapperConstructor
 from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
 
+from ..models import describe
+
 DECAY_TYPES = ('layer_wise', 'stage_wise')
-_EMBED_NAMES = ('backbone.cls_token', 'backbone.mask_token', 'backbone.pos_embed')
-_STAGE = re.compile(r'^backbone\.stages\.(\d+)\.(downsample|blocks)(?:\.(\d+))?\.')
-_BLOCK = re.compile(r'^backbone\.blocks\.(\d+)\.')
-
-# A layer-id rule: (parameter name, num_layers from the config) -> (layer id, whether the
-# name is one of the backbone's own layers, i.e. not a neck/head/new module).
-LayerIdRule = Callable[[str, int], 'tuple[int, bool]']
 
 
-def convnext_layer_id(name: str, num_layers: int) -> tuple[int, bool]:
-    """mmdet/mmseg ``get_layer_id_for_convnext`` on timm ConvNeXt names."""
-    if name in _EMBED_NAMES or name.startswith('backbone.stem.'):
-        return 0, True
-    m = _STAGE.match(name)
-    if m is None:
-        return num_layers + 1, False
-    stage = int(m[1])
-    if m[2] == 'downsample':
-        return (0, 2, 3, num_layers)[stage], True
-    block = int(m[3])
-    return (1, 2, 3 + block // 3, num_layers)[stage], True
-
-
-def convnext_stage_id(name: str, num_layers: int) -> tuple[int, bool]:
-    """mmseg ``get_stage_id_for_convnext`` on timm ConvNeXt names (max_stage_id = n + 2)."""
-    if name in _EMBED_NAMES or name.startswith('backbone.stem.'):
-        return 0, True
-    m = _STAGE.match(name)
-    if m is None:
-        return num_layers + 1, False
-    if m[2] == 'downsample':
-        return 0, True
-    return int(m[1]) + 1, True
-
-
-def vit_layer_id(name: str, num_layers: int) -> tuple[int, bool]:
-    """InternVL's (BEiT's) ``get_num_layer_for_vit`` on InternViT names."""
-    if name in _EMBED_NAMES or name.startswith('backbone.patch_embed.'):
-        return 0, True
-    m = _BLOCK.match(name)
-    if m is None:
-        return num_layers + 1, False
-    return int(m[1]) + 1, True
-
-
-def layer_id_rule(backbone: nn.Module, decay_type: str) -> LayerIdRule:
-    """The rule for this backbone class and decay type; a clear error for other backbones."""
-    from ..models import ConvNeXtV2, InternViT
-    if isinstance(backbone, ConvNeXtV2):
-        return convnext_layer_id if decay_type == 'layer_wise' else convnext_stage_id
-    if isinstance(backbone, InternViT):
-        if decay_type != 'layer_wise':
-            raise ValueError(f"InternViT has no stages: use decay_type='layer_wise', "
-                             f'got {decay_type!r}')
-        return vit_layer_id
-    raise TypeError('LayerDecayOptimWrapperConstructor knows the parameter names of '
-                    f'ConvNeXtV2 and InternViT backbones, not {type(backbone).__name__}')
+def layer_ids(module: nn.Module, decay_type: str, num_layers: int) -> dict[str, tuple[int, bool]]:
+    """(layer id, whether it is a pretrained layer of the backbone) of every parameter of a
+    detector / segmentor ``module``, by name; outside the backbone: the heads' id."""
+    backbone = getattr(module, 'backbone', None)
+    if backbone is None:
+        raise TypeError(f'{type(module).__name__} has no .backbone: layer-wise decay '
+                        'needs a detector or segmentor model')
+    description = describe(backbone)
+    description.check_decay_type(decay_type)
+    ids = {}
+    for name, _ in module.named_parameters():
+        if name.startswith('backbone.'):
+            ids[name] = description.layer_id(name[len('backbone.'):], num_layers, decay_type)
+        else:
+            ids[name] = (num_layers + 1, False)
+    return ids
 
 
 @OPTIM_WRAPPER_CONSTRUCTORS.register_module()
@@ -130,19 +86,16 @@ class LayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
 
     def add_params(self, params: list[dict], module: nn.Module, **kwargs: Any) -> None:
         """Append one param group per (layer id, decay / no decay) to ``params``."""
-        backbone = getattr(module, 'backbone', None)
-        if backbone is None:
-            raise TypeError(f'{type(module).__name__} has no .backbone: layer-wise decay '
-                            'needs a detector or segmentor model')
         decay_type = self.paramwise_cfg['decay_type']
-        rule = layer_id_rule(backbone, decay_type)
         num_layers = self.paramwise_cfg['num_layers']
         rate = self.paramwise_cfg['decay_rate']
+        ids = layer_ids(module, decay_type, num_layers)
+        backbone = module.backbone
         groups: dict[str, dict] = {}
         for name, param in module.named_parameters():
             if not param.requires_grad:
                 continue
-            layer_id, is_layer = rule(name, num_layers)
+            layer_id, is_layer = ids[name]
             if is_layer and layer_id > num_layers:
                 raise ValueError(
                     f'num_layers={num_layers} is too small for {type(backbone).__name__}: '

@@ -1,6 +1,9 @@
 """Backbones registered in mmengine's root MODELS registry (see flora_mm.registry)."""
 from .convnextv2 import ConvNeXtV2
+from .descriptions import (BackboneDescription, Export, LayerDecayError, describe,
+                           register_description)
 from .internvit import InternViT
 from .peft_backbone import build_peft_backbone
 
-__all__ = ['ConvNeXtV2', 'InternViT', 'build_peft_backbone']
+__all__ = ['ConvNeXtV2', 'InternViT', 'build_peft_backbone', 'BackboneDescription',
+           'Export', 'LayerDecayError', 'describe', 'register_description']

@@ -27,11 +27,22 @@ from torch import nn
 
 from ..peft import build_peft_method, count_parameters, reset_adapters_from_base
 from ..registry import MODELS
+from .descriptions import describe
 
 
 def _init_then_reset(self: nn.Module) -> None:
     type(self).init_weights(self)
     reset_adapters_from_base(self)
+
+
+def with_saved_modules(peft: dict, backbone: nn.Module,
+                       modules_to_save: list[str] | None = None) -> dict:
+    """``peft`` with the backbone's new modules (``modules_to_save``, or the description's)
+    added to the method's own ``modules_to_save``."""
+    saved = describe(backbone).modules_to_save() if modules_to_save is None else modules_to_save
+    if not saved:
+        return dict(peft)
+    return dict(peft, modules_to_save=list(peft.get('modules_to_save', [])) + list(saved))
 
 
 @MODELS.register_module(name='PEFTBackbone')
@@ -44,13 +55,12 @@ def build_peft_backbone(backbone: dict, peft: dict, load_pretrained: bool = True
     the checkpoint under test provides every weight.
     ``modules_to_save``: regexes of backbone parts that the pretrained checkpoint lacks (output
     norms, InternViT's simple FPN); they train fully under every method, added to the method's
-    own ``modules_to_save``. Set once in a model base config, so leaf configs differ in ``peft``
-    only.
+    own ``modules_to_save``. By default the backbone's description names them
+    (``flora_mm.models.describe``), so configs do not; a list here replaces that.
     """
-    if modules_to_save:
-        peft = dict(peft, modules_to_save=list(peft.get('modules_to_save', [])) + list(modules_to_save))
-    method = build_peft_method(peft)  # validate before building anything large
+    build_peft_method(peft)  # validate before building anything large
     inner = MODELS.build(backbone)
+    method = build_peft_method(with_saved_modules(peft, inner, modules_to_save))
     if load_pretrained and hasattr(inner, 'init_weights'):
         inner.init_weights()
     names = method.inject(inner)

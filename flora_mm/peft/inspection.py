@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from typing import Callable
 
 import torch
 from torch import nn
@@ -61,8 +62,11 @@ def unexpected_trainable(model: nn.Module) -> tuple[list[str], list[str]]:
     return extra, frozen
 
 
-def update_norms(model: nn.Module, group_pattern: str = DEFAULT_GROUP) -> dict[str, float]:
-    """||s * dW||_F per stage (square root of the summed squares of its layers).
+def update_norms(model: nn.Module,
+                 group_pattern: str | Callable[[str], str] = DEFAULT_GROUP) -> dict[str, float]:
+    """||s * dW||_F per stage (square root of the summed squares of its layers). The stage of
+    a layer: group 1 of ``group_pattern`` on its name ('other' where it does not match), or
+    ``group_pattern(name)`` (the hooks ask the backbone's description).
 
     Closed forms where they exist (FLoRA, LoRA: ``flora_mm.peft.norms``), no full-size dW;
     works on FSDP-sharded adapters (call on every rank then).
@@ -70,7 +74,10 @@ def update_norms(model: nn.Module, group_pattern: str = DEFAULT_GROUP) -> dict[s
     sums: dict[str, float] = OrderedDict()
     with torch.no_grad():
         for name, layer in adapter_layers(model):
-            match = re.search(group_pattern, name)
-            group = match.group(1) if match else 'other'
+            if callable(group_pattern):
+                group = group_pattern(name)
+            else:
+                match = re.search(group_pattern, name)
+                group = match.group(1) if match else 'other'
             sums[group] = sums.get(group, 0.0) + float(update_sq_norm(layer))
     return {k: v ** 0.5 for k, v in sums.items()}

@@ -15,8 +15,6 @@ convnextv2_l_peft = dict(
         # mmdet's and mmseg's ConvNeXt recipes (full fine-tuning); Frozen sets 0.0
         drop_path_rate=0.4,
         init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
-    # the output norms are not in the pretrained checkpoint: they train under every method
-    modules_to_save=[r'^norm\d$'],
     peft=dict(type='Frozen'))
 # FLoRA's scale s for ConvNeXt-V2-L, for the authors' factor init: the authors' own ConvNeXt
 # example (r = [16, 16, 2, 2], scale 4.0), one of the paper's {0.04, 0.4, 4}

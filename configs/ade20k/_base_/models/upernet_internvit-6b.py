@@ -26,8 +26,6 @@ model = dict(
             with_cp=True,
             dtype='bfloat16',
             init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
-        # InternVL's simple FPN is not in the pretrained checkpoint: it trains under every method
-        modules_to_save=[r'^up\d$'],
         peft=dict(type='Frozen')),
     decode_head=dict(in_channels=[3200, 3200, 3200, 3200], channels=1536, num_classes=150,
                      norm_cfg=norm_cfg),

@@ -1,0 +1,8 @@
+"""Backbone descriptions (see ``base``): flora_mm's own backbones here; OpenMMLab's and timm's
+beside them, registered by import path so that nothing is imported before it is used."""
+from .base import (BackboneDescription, Export, LayerDecayError, class_path, describe,
+                   register_description)
+from . import flora_mm_backbones  # noqa: F401,E402  (registers the descriptions)
+
+__all__ = ['BackboneDescription', 'Export', 'LayerDecayError', 'class_path', 'describe',
+           'register_description']

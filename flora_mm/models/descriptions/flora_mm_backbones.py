@@ -1,0 +1,69 @@
+"""Descriptions of flora_mm's own backbones (ConvNeXtV2 on timm's names, InternViT)."""
+from __future__ import annotations
+
+import re
+
+from .base import BackboneDescription, Export, register_description
+
+_CONVNEXT = re.compile(r'^stages\.(\d+)\.(downsample|blocks)(?:\.(\d+))?\.')
+_VIT_BLOCK = re.compile(r'^blocks\.(\d+)\.')
+_EMBEDDINGS = ('cls_token', 'mask_token', 'pos_embed')
+
+
+@register_description('flora_mm.models.convnextv2.ConvNeXtV2')
+class ConvNeXtV2Description(BackboneDescription):
+    """timm-layout ConvNeXt(-V2): ``stem``, ``stages.S.downsample``, ``stages.S.blocks.B``;
+    layer ids of mmdet's / mmseg's ``get_layer_id_for_convnext`` and mmseg's
+    ``get_stage_id_for_convnext`` on these names."""
+
+    unit_patterns = (r'^stages\.\d+\.blocks\.\d+$', r'^stem$')
+    stage_pattern = r'^(stages\.\d+)'
+    decay_types = ('layer_wise', 'stage_wise')
+
+    def layer_id(self, name: str, num_layers: int, decay_type: str) -> tuple[int, bool]:
+        self.check_decay_type(decay_type)
+        if name in _EMBEDDINGS or name.startswith('stem.'):
+            return 0, True
+        m = _CONVNEXT.match(name)
+        if m is None:  # the output norms, new in every fine-tuning
+            return num_layers + 1, False
+        stage = int(m[1])
+        if decay_type == 'stage_wise':
+            return (0 if m[2] == 'downsample' else stage + 1), True
+        if m[2] == 'downsample':
+            return (0, 2, 3, num_layers)[stage], True
+        return (1, 2, 3 + int(m[3]) // 3, num_layers)[stage], True
+
+    def modules_to_save(self) -> list[str]:
+        return [rf'^norm{i}$' for i in self.backbone.out_indices]
+
+    def export(self, state: dict, cfg: dict) -> Export:
+        """mmpretrain's ``ConvNeXt`` with its own key names, which mmdet's and mmseg's
+        ConvNeXt recipes and their ``LearningRateDecayOptimizerConstructor`` use as they are."""
+        from ..convnextv2 import mmpretrain_convnext_cfg, timm_to_mmpretrain
+        spec = mmpretrain_convnext_cfg(self.backbone, cfg.get('drop_path_rate', 0.0))
+        decay = 'LearningRateDecayOptimizerConstructor'
+        return Export(spec, timm_to_mmpretrain(state), ['mmpretrain.models'],
+                      dict(mmdet=decay, mmseg=decay, mmrotate=f'mmdet.{decay}'))
+
+
+@register_description('flora_mm.models.internvit.InternViT')
+class InternViTDescription(BackboneDescription):
+    """InternVL's segmentation InternViT: ``patch_embed``, ``blocks.N``, the simple FPN
+    ``up1..up4``; layer ids of InternVL's (BEiT's) ``get_num_layer_for_vit``."""
+
+    unit_patterns = (r'^blocks\.\d+$', r'^patch_embed$', r'^up\d$')
+    stage_pattern = r'^(blocks\.\d+)'
+    decay_types = ('layer_wise',)
+
+    def layer_id(self, name: str, num_layers: int, decay_type: str) -> tuple[int, bool]:
+        self.check_decay_type(decay_type)
+        if name in _EMBEDDINGS or name.startswith('patch_embed.'):
+            return 0, True
+        m = _VIT_BLOCK.match(name)
+        if m is None:  # the simple FPN
+            return num_layers + 1, False
+        return int(m[1]) + 1, True
+
+    def modules_to_save(self) -> list[str]:
+        return [r'^up\d$'] if self.backbone.with_fpn else []
