@@ -1,4 +1,4 @@
-"""flora_mm.apis.compare end to end on tiny ADE20K.
+"""flora_mm.harness.compare end to end on tiny ADE20K.
 
 Two methods (LoRA and FLoRA at one budget, ranks solved) are trained for one epoch (2
 iterations of 4 of the 8 images) with the real tools/train.py and tested with tools/test.py.
@@ -23,7 +23,7 @@ import sys
 
 import pytest
 
-from flora_mm.apis import compare as C
+from flora_mm.harness import compare as C
 from flora_mm.datasets.checkpoints import generate_checkpoints
 from flora_mm.datasets.tiny import generate
 

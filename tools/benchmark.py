@@ -6,7 +6,7 @@
 The methods are timed interleaved in one process (median per method after a warm-up) and
 compared with ``Floor`` (frozen backbone, gradients to the input), LoRA and Full; each step's
 FLOPs are counted on the ops it runs; peak memory is measured per method in its own process.
-See flora_mm/apis/benchmark.py and docs/performance.md for what is measured and the allocator
+See flora_mm/harness/benchmark.py and docs/performance.md for what is measured and the allocator
 setting.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import os
 import sys
 from dataclasses import asdict
 
-from flora_mm.apis.benchmark import (METHODS, BenchConfig, format_table, plot_result,
+from flora_mm.harness.benchmark import (METHODS, BenchConfig, format_table, plot_result,
                                      run_benchmark)
 
 

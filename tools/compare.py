@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout
 
 import flora_mm  # noqa: E402,F401  (compat shims before any OpenMMLab import)
-from flora_mm.apis.compare import (DOTA_IOU_THRS, CompareError, RunOptions,  # noqa: E402
+from flora_mm.harness.compare import (DOTA_IOU_THRS, CompareError, RunOptions,  # noqa: E402
                                    compare)
 
 

@@ -109,7 +109,7 @@ def run_gpu_check(work_dir: str = 'work_dirs/gpu_check') -> int:
     results: list[StepResult] = []
 
     def kernels() -> tuple[bool, str]:
-        from .cuda_ops import check_mmcv_cuda_kernels
+        from ..apis.cuda_ops import check_mmcv_cuda_kernels
         return True, check_mmcv_cuda_kernels()
 
     results.append(_timed('mmcv CUDA kernels', kernels))

@@ -40,8 +40,8 @@ from typing import Callable, Optional, Sequence
 from mmengine.config import Config
 
 from ..registry import PEFT_METHODS
-from . import budget as B
-from .count import count_params
+from ..apis import budget as B
+from ..apis.count import count_params
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOOLS = osp.join(ROOT, 'tools')
@@ -112,6 +112,7 @@ class RunSpec:
 
     def config_text(self) -> str:
         """The run's own config: the source config, its PEFT method and the overrides."""
+        # the module's old name stays: this text is part of every run's fingerprint
         lines = ['# Written by flora_mm.apis.compare: one run of a method comparison.',
                  f'_base_ = {self.config!r}',
                  f'model = dict(backbone=dict(peft=dict(_delete_=True, **{self.peft!r})))']
