@@ -203,7 +203,7 @@ def test_tool_rejects_bad_arguments_before_measuring(tmp_path):
                          capture_output=True, text=True)
     assert res.returncode != 0 and 'does not exist' in res.stderr
     res = subprocess.run(run + ['--batch', '0'], cwd=ROOT, capture_output=True, text=True)
-    assert res.returncode != 0 and 'batch must be >= 1' in res.stderr
+    assert res.returncode == 2 and 'argument --batch: must be an integer >= 1' in res.stderr
     assert set(METHODS) >= {'Floor', 'FLoRA-ref', 'Full'}
 
 

@@ -19,18 +19,16 @@ import json
 import os
 import os.path as osp
 import struct
-import sys
 
 import pytest
 
-from flora_mm.harness import compare as C
+from flora_mm.apis.count import count_params
 from flora_mm.datasets.checkpoints import generate_checkpoints
 from flora_mm.datasets.tiny import generate
+from flora_mm.harness import compare as C
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TINY_ADE = osp.join(ROOT, 'configs/ade20k/tiny/convnextv2_flora_r16.py')
-sys.path.insert(0, osp.join(ROOT, 'tools'))
-import count_params  # noqa: E402
 
 ATTO_NORMS = 2 * (40 + 80 + 160 + 320)  # norm0..3 of ConvNeXt-V2-atto: trained by every method
 
@@ -70,7 +68,7 @@ def test_table_counts_and_metrics(compared):
     assert [r['method'] for r in csv_rows] == ['LoRA', 'FLoRA']
     for run, row, csv_row in zip(result['results'], rows, csv_rows):
         # parameter counts: count_params on the run's own config
-        counted = count_params.count_params(run['run_config'])
+        counted = count_params(run['run_config'])
         method_params = counted['per_method'][run['method']]['trainable'] - ATTO_NORMS
         assert row['params']['ADE20K'] == method_params == int(csv_row['params/ADE20K'])
         assert run['counts']['model_trainable'] == counted['trainable']
