@@ -10,12 +10,12 @@ extension points.
 2. mmengine 0.10.7's local checkpoint loader calls ``torch.load(path)``, which torch >= 2.6 runs
    as ``weights_only=True`` unless ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is set, and whose errors
    do not name the file. It is re-registered (mmengine's ``CheckpointLoader.register_scheme``,
-   process-wide) with ``flora_mm.engine.checkpoint.safe_load_from_local``, which only makes
+   process-wide) with ``flora_mm.checkpoint.safe_load_from_local``, which only makes
    loading safer: it passes ``weights_only=True`` explicitly (the environment variable cannot
    turn it off) and names the file and the refused global in its errors. It allows nothing
    beyond torch's own list, so for other code the same files load with the same result. The
    extra objects of mmengine's own checkpoints (numpy metadata, HistoryBuffer) are allowed only
-   inside ``flora_mm.engine.mmengine_checkpoint_globals()``, a scoped context the tools enter;
+   inside ``flora_mm.checkpoint.mmengine_checkpoint_globals()``, a scoped context the tools enter;
    the checkpoints flora_mm writes need none of them (FLoRAHook stores plain values).
 3. mmengine imports ``pkg_resources`` (setuptools pinned below 81 for it) to resolve
    ``mmdet::``-style config bases; its deprecation warning on every import is silenced.
@@ -34,7 +34,7 @@ for _name in ('Sequence', 'Mapping', 'MutableMapping', 'Iterable', 'Callable'):
 def _register_local_checkpoint_loader() -> None:
     from mmengine.runner.checkpoint import CheckpointLoader
 
-    from .engine.checkpoint import safe_load_from_local
+    from .checkpoint.safe_load import safe_load_from_local
 
     def load_from_local(filename, map_location):  # name matters: mmengine logs name[10:]
         return safe_load_from_local(filename, map_location)

@@ -31,7 +31,7 @@ from flora_mm.models import ConvNeXtV2, InternViT
 from flora_mm.peft import adapter_layers, inject_adapters
 from flora_mm.peft.io import base_fingerprint, base_state_names
 from flora_mm.peft.norms import update_sq_norm
-from flora_mm.peft.recompute import RecomputeStats
+from flora_mm.ops.recomputed_input import RecomputeStats
 
 STEPS = 4
 PEFT = {

@@ -23,6 +23,8 @@ from mmengine.config import Config
 
 from flora_mm.apis import budget as B
 
+from ._methods import closed_form, method_cls, rank_methods, second_rank
+
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 COCO_L = osp.join(ROOT, 'configs/coco/convnextv2_flora_r16.py')
 ADE_6B = osp.join(ROOT, 'configs/ade20k/internvit6b_flora_r16.py')
@@ -70,26 +72,15 @@ def internvit6b_layers(img_size: int = 504) -> tuple[list, int]:
     return layers, params
 
 
-def closed_form(layers: list, method: str, rank: int, kernel_rank: int = 2) -> int:
-    total = 0
-    for d_out, d_in, k in layers:
-        if method == 'FLoRA':
-            r1, r2 = min(rank, d_out), min(rank, d_in)
-            if k is None:
-                total += r1 * r2 + r1 * d_out + r2 * d_in
-            else:
-                r3 = min(kernel_rank, k)
-                total += r1 * r2 * r3 * r3 + r1 * d_out + r2 * d_in + 2 * r3 * k
-        else:
-            total += rank * (d_in * (k * k if k else 1) + d_out)
-            total += d_out if method == 'DoRA' else 0
-    return total
+# closed_form(layers, method, rank, kernel_rank): each method's count per layer is in
+# tests/_methods.py (MethodSpec.layer_count), written from its paper
 
 
 def best_by_formula(layers: list, method: str, target: float) -> float:
-    """The smallest |count - target| over every rank (and kernel rank 1, 2 for FLoRA)."""
+    """The smallest |count - target| over every rank (and the second rank's candidates, FLoRA's
+    kernel ranks 1 and 2)."""
     best = float('inf')
-    for kernel_rank in ((1, 2) if method == 'FLoRA' else (2,)):
+    for kernel_rank in (second_rank(method)[1] or (2,)):
         rank = 1
         while True:
             err = closed_form(layers, method, rank, kernel_rank) - target
@@ -143,17 +134,22 @@ def test_solver_errors():
 
 
 # ----------------------------------------------------------------------------- solving
-@pytest.mark.parametrize('method', ['LoRA', 'DoRA', 'FLoRA'])
+@pytest.mark.parametrize('method', rank_methods())
 @pytest.mark.parametrize('budget', ['20K', '2%'])
 def test_tiny_solutions_are_closest(method, budget):
     layers, params = convnext_layers('atto')
     sol = B.solve_rank(config(TINY_COCO), budget, method=method)
     check(sol, layers, params)
-    assert sol.peft['type'] == method and sol.peft['rank'] == sol.rank
-    if method != 'FLoRA':  # scaling alpha / rank stays 1 (alpha None means alpha = rank)
-        assert sol.peft.get('alpha') in (None, sol.rank) and sol.kernel_rank is None
-    else:  # the config's own method keeps its other fields
-        assert sol.peft['scale'] == config(TINY_COCO).model.backbone.peft.scale
+    cls, (second, _) = method_cls(method), second_rank(method)
+    assert sol.peft['type'] == method and sol.peft[cls.budget_rank] == sol.rank
+    assert sol.kernel_rank == (sol.peft[second] if second else None)
+    # LoRA/DoRA: scaling alpha / rank stays 1 (alpha None means alpha = rank)
+    assert sol.peft.get('alpha') in (None, sol.rank)
+    base = B.to_plain(config(TINY_COCO).model.backbone.peft)
+    if base['type'] == method:  # the config's own method keeps its other fields
+        ranks = (cls.budget_rank, second)
+        assert {k: v for k, v in sol.peft.items() if k not in ranks} == \
+            {k: v for k, v in base.items() if k not in ranks}
 
 
 def test_unreachable_budget_is_reported():
@@ -170,7 +166,7 @@ def test_unreachable_budget_is_reported():
 PAPER_TOLERANCE = {'12.9M': 0.01, '25.9M': 0.01, '51.8M': 0.01, '0.32%': 0.05, '0.66%': 0.02}
 
 
-@pytest.mark.parametrize('method', ['LoRA', 'DoRA', 'FLoRA'])
+@pytest.mark.parametrize('method', rank_methods())
 def test_paper_budget_convnextv2_large(method):
     layers, params = convnext_layers('large')
     sol = B.solve_rank(config(COCO_L), '12.9M', method=method)
@@ -235,7 +231,8 @@ def test_count_params_budget_cli(capsys):
     count_params.main([TINY_COCO, '--budget', '20K', '--json'])
     out = json.loads(capsys.readouterr().out)
     layers, params = convnext_layers('atto')
-    assert [s['method'] for s in out] == ['LoRA', 'DoRA', 'FLoRA']
+    assert [s['method'] for s in out] == rank_methods()
+    assert rank_methods()[:3] == ['LoRA', 'DoRA', 'FLoRA']
     for s in out:
         assert s['backbone_params'] == params and s['target'] == 20000
         assert s['count'] == closed_form(layers, s['method'], s['rank'], s['kernel_rank'] or 2)

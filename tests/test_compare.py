@@ -27,6 +27,8 @@ from flora_mm.datasets.checkpoints import generate_checkpoints
 from flora_mm.datasets.tiny import generate
 from flora_mm.harness import compare as C
 
+from ._methods import method_cls, method_names, second_rank
+
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TINY_ADE = osp.join(ROOT, 'configs/ade20k/tiny/convnextv2_flora_r16.py')
 
@@ -126,3 +128,57 @@ def test_changed_run_is_refused(compared):
     with pytest.raises(C.CompareError, match='different config'):
         C.execute(spec, compared['out'], compared['options'], log=lambda _: None)
     assert os.listdir(compared['out'])
+
+
+# ----------------------------------------------------------------------------- every method
+# planning, table order, labels and plot styles without training: what each method declares
+@pytest.mark.parametrize('method', method_names())
+def test_plan_for_every_method(method):
+    cls, (second, _) = method_cls(method), second_rank(method)
+    spec, = C.plan_runs([TINY_ADE], [method], ['2%'], log=lambda _: None)
+    assert spec.method == method and spec.peft['type'] == method
+    if cls.budget_rank is None:  # one run of the method as it is
+        assert (spec.budget, spec.rank, spec.kernel_rank) == (None, None, None)
+        assert spec.name == f'convnextv2_flora_r16-{method.lower()}'
+    else:  # one run per budget, the ranks solved
+        sol = C.B.solve_rank(TINY_ADE, '2%', method=method)
+        assert (spec.budget, spec.rank, spec.kernel_rank) == ('2%', sol.rank, sol.kernel_rank)
+        assert spec.peft == sol.peft and spec.peft[cls.budget_rank] == sol.rank
+        assert spec.kernel_rank == (spec.peft[second] if second else None)
+        assert spec.name == f'convnextv2_flora_r16-{method.lower()}_2pct'
+        # without budgets: the method's own default rank
+        spec, = C.plan_runs([TINY_ADE], [method], log=lambda _: None)
+        assert spec.rank == getattr(cls, cls.budget_rank) and spec.budget is None
+
+
+def _fake_result(method: str, params: int, rank=None, kernel_rank=None, budget=None) -> dict:
+    """A run's result as ``execute`` stores it, for the tables and the plot."""
+    return dict(task='ADE20K', backbone='ConvNeXtV2-atto', method=method, budget=budget,
+                rank=rank, kernel_rank=kernel_rank, run_config=TINY_ADE, run_dir=f'/r/{method}',
+                peft=dict(type=method, rank=rank), metrics=dict(mAcc=50.0, mIoU=30.0 + params),
+                counts=dict(method_params=params, backbone_params=10 ** 6), sec_per_iter=0.5,
+                peak_memory_mb=100.0, memory_kind='cpu peak rss')
+
+
+def test_table_order_labels_and_plot_come_from_the_methods(tmp_path):
+    results = []
+    for i, method in enumerate(reversed(method_names())):  # the table orders them
+        cls = method_cls(method)
+        params = 1000 * (i + 1) if cls.trains_module else 0
+        if cls.budget_rank is None:
+            results.append(_fake_result(method, params))
+        else:
+            results.append(_fake_result(method, params, rank=4, budget='2%',
+                                        kernel_rank=2 if second_rank(method)[0] else None))
+    table = C.build_table(results)
+    assert [r['method'] for r in table['rows']] == method_names()
+    lines = C.format_markdown(table).splitlines()
+    first = lines.index('| --- | ---: | ---: | ---: | ---: |') + 1  # Table 1's body
+    body = [line.split(' | ') for line in lines[first:first + len(method_names())]]
+    labels = [cells[0][2:] for cells in body]
+    assert labels[:6] == ['Base', 'Fully FT', 'BitFit', 'LoRA r4', 'DoRA r4', 'FLoRA r4/2']
+    for method, label, cells in zip(method_names(), labels, body):
+        assert label.startswith(method_cls(method).label)
+        assert (cells[1] == '-') == (not method_cls(method).trains_module)  # # Params
+    figure = C.plot(table, str(tmp_path / 'compare.png'))
+    assert figure['series'] == {'ADE20K mIoU': [method_cls(m).label for m in method_names()]}

@@ -18,6 +18,8 @@ from flora_mm.apis.cuda_ops import (DETECTION_OP_KERNELS, check_mmcv_cuda_kernel
                                     mmcv_cuda_kernels)
 from flora_mm.peft import adapter_layers, inject_adapters
 
+from ._methods import adapter_methods, method_table
+
 
 def _mmcv_built_with_cuda() -> bool:
     from mmcv.ops import get_compiling_cuda_version
@@ -79,11 +81,9 @@ def test_cuda_variant_has_every_detection_kernel():
 
 
 # -- adapters on CUDA -----------------------------------------------------------------------------
-METHODS = {
-    'FLoRA': dict(type='FLoRA', rank=4, kernel_rank=2, scale=1.0),
-    'LoRA': dict(type='LoRA', rank=4),
-    'DoRA': dict(type='DoRA', rank=4),
-}
+# every registered method that adds tensors (tests/_methods.py)
+METHODS = method_table(rank=4, second=2, settings=dict(FLoRA=dict(scale=1.0)),
+                       methods=adapter_methods())
 LAYERS = {
     'linear': (lambda: nn.Linear(32, 48), (6, 32)),
     'conv3x3': (lambda: nn.Conv2d(16, 24, 3, padding=1), (2, 16, 12, 12)),

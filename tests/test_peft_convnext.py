@@ -1,5 +1,4 @@
 """Every method on timm's ConvNeXt-V2-atto: the parameter table and a short fit that lowers the loss."""
-import math
 
 import pytest
 import timm
@@ -8,31 +7,27 @@ from torch import nn
 
 from flora_mm.peft import count_parameters, inject_adapters
 
+from ._methods import adapter_methods, method_table, spec
+
 TARGETS = dict(types=['Conv2d', 'Linear'], exclude=[r'^head'])
-METHODS = {
-    'Frozen': dict(type='Frozen'),
-    'Full': dict(type='Full'),
-    'BitFit': dict(type='BitFit', targets=TARGETS),
-    'LoRA': dict(type='LoRA', rank=4, targets=TARGETS),
-    'DoRA': dict(type='DoRA', rank=4, targets=TARGETS),
-    'FLoRA': dict(type='FLoRA', rank=4, kernel_rank=2, scale=1.0, targets=TARGETS),
-}
+# every registered method (tests/_methods.py)
+METHODS = method_table(rank=4, second=2, targets=TARGETS, settings=dict(FLoRA=dict(scale=1.0)))
 
 
 def expected_trainable(model: nn.Module, method: str) -> int:
-    """Closed forms per layer (paper §4.1 / LoRA eq. 3), computed from the plain model."""
+    """Closed forms per layer (paper §4.1 / LoRA eq. 3 / tests/_methods.py), computed from the
+    plain model."""
     total = 0
+    count = spec(method).layer_count
     for name, m in model.named_modules():
         if name.startswith('head') or not isinstance(m, (nn.Conv2d, nn.Linear)):
             continue
         shape = m.weight.shape
         if method == 'BitFit':
             total += m.bias.numel() if m.bias is not None else 0
-        elif method in ('LoRA', 'DoRA'):
-            total += 4 * (shape[0] + math.prod(shape[1:])) + (shape[0] if method == 'DoRA' else 0)
-        elif method == 'FLoRA':
-            ranks = [min(r, s) for r, s in zip([4, 4] + [2] * (len(shape) - 2), shape)]
-            total += math.prod(ranks) + sum(s * r for s, r in zip(shape, ranks))
+        elif method in adapter_methods():
+            assert len(set(shape[2:])) <= 1  # square kernels
+            total += count(shape[0], shape[1], shape[2] if len(shape) > 2 else None, 4, 2)
     if method == 'Full':
         total = sum(p.numel() for p in model.parameters())  # injected into the whole model
     return total

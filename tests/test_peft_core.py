@@ -14,17 +14,14 @@ from flora_mm.peft import (AdapterLayer, PEFTConfigError, adapter_state_dict, co
                            inject_adapters, load_adapter_state_dict, merge_adapters,
                            remove_adapters, unmerge_adapters)
 
+from ._methods import adapter_methods, method_cls, method_config, method_table, randomize_adapters
+
 tl.set_backend('numpy')
 
-METHODS = {
-    'FLoRA': dict(type='FLoRA', rank=3, kernel_rank=2, scale=0.7),
-    'LoRA': dict(type='LoRA', rank=3, alpha=6),
-    'DoRA': dict(type='DoRA', rank=3, alpha=6),
-    'BitFit': dict(type='BitFit'),
-    'Full': dict(type='Full'),
-    'Frozen': dict(type='Frozen'),
-}
-ADAPTER_METHODS = ['FLoRA', 'LoRA', 'DoRA']
+# every registered method (tests/_methods.py); rank 3, FLoRA's scale 0.7, LoRA's scaling 2
+METHODS = method_table(rank=3, second=2, settings=dict(FLoRA=dict(scale=0.7),
+                                                       LoRA=dict(alpha=6), DoRA=dict(alpha=6)))
+ADAPTER_METHODS = adapter_methods()
 
 
 def make_layer(kind):
@@ -54,16 +51,6 @@ LAYER_KINDS = ['linear', 'linear_nobias', 'conv1d', 'conv2d', 'conv3d', 'depthwi
 
 def wrap(layer):
     return nn.Sequential(layer)
-
-
-def randomize_adapters(model, seed=1):
-    """Give every adapter tensor non-zero values so the update is not trivially zero."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in model.named_modules():
-            if isinstance(layer, AdapterLayer):
-                for _, p in layer.adapter_parameters():
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (0.5 if p.dim() == 1 else 0))
 
 
 def plain_reference(base_layer, weight):
@@ -130,7 +117,8 @@ def test_gradients_and_frozen_tensors(method, kind):
     elif method == 'BitFit':
         expected_trainable = {'0.bias'} if layer.bias is not None else set()
     elif method in ADAPTER_METHODS:
-        assert expected_trainable and all(n.split('.')[1].startswith(('flora', 'lora', 'dora'))
+        prefixes = method_cls(method).layer_cls.adapter_prefixes
+        assert expected_trainable and all(n.split('.')[1].startswith(prefixes)
                                           for n in expected_trainable)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == expected_trainable
     if not expected_trainable:  # Frozen, or BitFit on a layer without bias
@@ -186,8 +174,8 @@ def test_adapter_state_dict_round_trip(method, kind, tmp_path):
     model = wrap(layer)
     inject_adapters(model, METHODS[method])
     randomize_adapters(model, seed=3)
-    if method in ('BitFit', 'Full'):
-        with torch.no_grad():  # change the tensors the method trains
+    if method not in ADAPTER_METHODS:
+        with torch.no_grad():  # change the tensors the method trains (BitFit, Full)
             for p in model.parameters():
                 if p.requires_grad:
                     p.add_(0.25)
@@ -323,6 +311,13 @@ def test_target_selection_include_exclude_and_types():
     (dict(type='FLoRA', ranks=[2, 2]), 'has 2 entries'),
     (dict(type='LoRA', dropout=1.5), 'dropout'),
     (dict(type='FLoRA', targets=dict(include=['('])), 'invalid regex'),
+    (dict(type='FLoRA', scale=float('nan')), 'scale must be a finite number'),
+    (dict(type='FLoRA', scale=float('inf')), 'scale must be a finite number'),
+    (dict(type='FLoRA', scale='4'), 'scale must be a finite number'),
+    (dict(type='FLoRA', init_std=float('nan')), 'init_std'),
+    (dict(type='LoRA', alpha=float('inf')), 'alpha'),
+    (dict(type='DoRA', alpha=-1), 'alpha'),
+    (dict(type='LoRA', dropout=float('nan')), 'dropout'),
 ])
 def test_bad_configs_fail_with_clear_errors(cfg, match):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(1), nn.Linear(4, 2))
@@ -389,7 +384,7 @@ def test_mmcv_conv_wrapper_is_adapted():
 def test_bf16_base_with_fp32_adapters(method):
     model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.Flatten(1), nn.Linear(8 * 36, 5))
     model.to(torch.bfloat16)
-    inject_adapters(model, dict(type=method, rank=2))
+    inject_adapters(model, method_config(method, rank=2))
     for name, p in model.named_parameters():
         assert p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16), name
     randomize_adapters(model)
@@ -400,7 +395,7 @@ def test_bf16_base_with_fp32_adapters(method):
                for p in model.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize('method', ['FLoRA', 'LoRA', 'DoRA'])
+@pytest.mark.parametrize('method', ADAPTER_METHODS)
 def test_dropout_path_matches_definition(method):
     layer, x = make_layer('conv2d')
     model = wrap(layer)

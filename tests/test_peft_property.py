@@ -12,6 +12,8 @@ from torch import nn
 
 from flora_mm.peft import adapter_layers, inject_adapters, merge_adapters, unmerge_adapters
 
+from ._methods import method_cls, method_config, method_names, randomize_adapters, spec
+
 CASES = 60  # per method
 KINDS = ('Linear', 'Conv1d', 'Conv2d', 'Conv3d')
 PADDING_MODES = ('zeros', 'reflect', 'replicate', 'circular')
@@ -52,43 +54,12 @@ def random_layer(rng: random.Random):
 
 
 def random_method(name: str, rng: random.Random, kind: str) -> dict:
-    cfg = dict(type=name, targets=dict(types=[kind]))
-    if name == 'FLoRA':
-        cfg.update(rank=rng.randint(1, 8), kernel_rank=rng.randint(1, 7),
-                   scale=rng.choice([0.04, 0.4, 1.0, 4.0]))
-    elif name in ('LoRA', 'DoRA'):
-        cfg.update(rank=rng.randint(1, 8), alpha=rng.choice([None, 1.0, 16.0]))
-    return cfg
-
-
-@torch.no_grad()
-def randomize_adapters(module: nn.Module, gen: torch.Generator) -> None:
-    """Give every adapter tensor random values, so the update is not zero (FLoRA's core and
-    LoRA's B start at zero); DoRA's magnitude stays positive."""
-    for _, layer in adapter_layers(module):
-        for name, param in layer.adapter_parameters():
-            noise = torch.randn(param.shape, generator=gen) * 0.3
-            if 'magnitude' in name:
-                param.mul_(1 + 0.1 * noise.abs())
-            else:
-                param.copy_(noise)
-
-
-def independent_weight(layer) -> torch.Tensor:
-    """W0 + update, from the layer's tensors by the paper's / peft's formulas."""
-    w0 = layer.weight.detach().float()
-    if hasattr(layer, 'flora_core'):
-        delta = layer.flora_core.detach()
-        for mode, factor in enumerate(layer.flora_factors):  # n-mode products G x_n U_n
-            delta = torch.movedim(torch.tensordot(factor.detach(), delta, dims=([1], [mode])),
-                                  0, mode)
-        return w0 + layer.scale * delta
-    lora = (layer.lora_B.detach() @ layer.lora_A.detach()).view_as(w0) * layer.scaling
-    if hasattr(layer, 'dora_magnitude'):
-        directional = w0 + lora
-        norm = directional.flatten(1).norm(dim=1).view(-1, *([1] * (w0.dim() - 1)))
-        return layer.dora_magnitude.detach().view_as(norm) * directional / norm
-    return w0 + lora
+    """A random config: a rank in 1..8 for rank methods, then the method's own random
+    settings (tests/_methods.py)."""
+    rank = rng.randint(1, 8) if method_cls(name).budget_rank is not None else None
+    random_settings = spec(name).random_settings
+    settings = random_settings(rng) if random_settings is not None else {}
+    return method_config(name, rank, targets=dict(types=[kind]), **settings)
 
 
 def plain_forward(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -98,7 +69,7 @@ def plain_forward(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> to
     return layer._conv_forward(x, weight, layer.bias)
 
 
-@pytest.mark.parametrize('method', ['FLoRA', 'LoRA', 'DoRA', 'BitFit', 'Full', 'Frozen'])
+@pytest.mark.parametrize('method', method_names())
 def test_inject_forward_merge_unmerge(method):
     for case in range(CASES):
         rng = random.Random(f'{method}-{case}')
@@ -109,7 +80,7 @@ def test_inject_forward_merge_unmerge(method):
         holder = nn.Module()
         holder.layer = layer
         inject_adapters(holder, cfg)
-        randomize_adapters(holder, torch.Generator().manual_seed(case))
+        randomize_adapters(holder, torch.Generator().manual_seed(case), std=0.3)
         holder.eval()
         where = f'case {case}: {desc}, {cfg}'
         adapted = list(adapter_layers(holder))
@@ -117,7 +88,7 @@ def test_inject_forward_merge_unmerge(method):
             y_adapted = holder.layer(x)
             if adapted:
                 # independent reference: the plain op with W0 + the layer's update
-                ref_w = independent_weight(adapted[0][1])
+                ref_w = spec(method).reference_weight(adapted[0][1])
                 torch.testing.assert_close(y_adapted, plain_forward(layer, x, ref_w),
                                            rtol=1e-4, atol=1e-5, msg=where)
             merge_adapters(holder)
@@ -127,7 +98,7 @@ def test_inject_forward_merge_unmerge(method):
             torch.testing.assert_close(holder.layer.weight, w0, rtol=1e-5, atol=1e-5, msg=where)
             torch.testing.assert_close(holder.layer(x), y_adapted, rtol=1e-4, atol=1e-4,
                                        msg=where)
-        if method in ('FLoRA', 'LoRA', 'DoRA'):
+        if method_cls(method).layer_cls is not None:
             assert adapted, where
             assert any(float(lay.delta_weight().detach().abs().max()) > 0
                        for _, lay in adapted), where

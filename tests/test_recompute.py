@@ -1,4 +1,4 @@
-"""Adapter inputs rebuilt in backward (flora_mm.peft.recompute, ConvNeXtV2's lean blocks):
+"""Adapter inputs rebuilt in backward (flora_mm.ops.recomputed_input, ConvNeXtV2's lean blocks):
 bit-identical results, the inputs really freed after forward, and wrong rebuilds refused."""
 import gc
 import weakref
@@ -10,14 +10,14 @@ import torch.nn.functional as F
 from flora_mm.models import ConvNeXtV2
 from flora_mm.peft import inject_adapters
 from flora_mm.peft.base import AdapterLayer
-from flora_mm.peft.recompute import RecomputeStats, run_with_recomputed_input
+from flora_mm.ops.recomputed_input import RecomputeStats, run_with_recomputed_input
+
+from ._methods import adapter_methods, method_table
 
 TARGETS = dict(types=['Conv2d', 'Linear'])
-METHODS = {
-    'FLoRA': dict(type='FLoRA', rank=4, kernel_rank=2, scale=4.0, targets=TARGETS),
-    'LoRA': dict(type='LoRA', rank=4, targets=TARGETS),
-    'DoRA': dict(type='DoRA', rank=4, targets=TARGETS),
-}
+# every registered method that adds tensors (tests/_methods.py)
+METHODS = method_table(rank=4, second=2, targets=TARGETS, settings=dict(FLoRA=dict(scale=4.0)),
+                       methods=adapter_methods())
 
 
 def _adapted(arch: str, method: str, linear_path: str = 'auto', drop_path: float = 0.0):
@@ -248,7 +248,7 @@ def test_recompute_stats_reach_every_block():
     """Set on the backbone, the counter reaches the blocks (which count in their own forward)
     and is taken back from them."""
     from flora_mm.models import InternViT
-    from flora_mm.peft.recompute import LeanBlock
+    from flora_mm.models.lean_block import LeanBlock
     for model in (ConvNeXtV2('atto'), InternViT('tiny', img_size=28, with_fpn=False)):
         blocks = [m for m in model.modules() if isinstance(m, LeanBlock)]
         assert blocks and model.recompute_stats is None

@@ -7,6 +7,7 @@ import glob
 import os
 import os.path as osp
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -19,9 +20,9 @@ from mmengine.runner.checkpoint import CheckpointLoader
 from safetensors.torch import load_file
 
 import flora_mm  # noqa: F401
-from flora_mm.engine.checkpoint import (CheckpointError, UnsafeCheckpointError,
-                                        find_resumable_checkpoint, load_checkpoint_file,
-                                        mmengine_checkpoint_globals, mmengine_safe_globals)
+from flora_mm.checkpoint import (CheckpointError, UnsafeCheckpointError,
+                                 find_resumable_checkpoint, load_checkpoint_file,
+                                 mmengine_checkpoint_globals, mmengine_safe_globals)
 from flora_mm.peft import PEFTConfigError, inject_adapters
 from flora_mm.peft.io import load_adapter_checkpoint
 
@@ -381,6 +382,102 @@ def test_adapter_file_must_hold_heads_too(pretrained, trained, tmp_path):
     runner = Runner.from_cfg(tiny.make_cfg(str(tmp_path / 'm'), pretrained))
     with pytest.raises(KeyError, match=r'head\.weight'):
         load_adapter_checkpoint(runner.model, str(path))
+
+
+def _relabel_safetensors(src, dst, name, dtype='I32'):
+    """Copy a safetensors file, changing one tensor's dtype in the header only (same bytes):
+    what a tampered or broken file looks like."""
+    import json
+    import struct
+    data = open(src, 'rb').read()
+    (size,) = struct.unpack('<Q', data[:8])
+    header = json.loads(data[8:8 + size])
+    header[name]['dtype'] = dtype
+    text = json.dumps(header).encode()
+    text += b' ' * (-len(text) % 8)
+    open(dst, 'wb').write(struct.pack('<Q', len(text)) + text + data[8 + size:])
+
+
+def _adapter_copy(trained, tmp_path, stem='copy'):
+    src = osp.join(trained, 'iter_6_adapter.safetensors')
+    path = tmp_path / f'{stem}_adapter.safetensors'
+    path.write_bytes(open(src, 'rb').read())
+    (tmp_path / f'{stem}_adapter.json').write_bytes(
+        open(osp.join(trained, 'iter_6_adapter.json'), 'rb').read())
+    return src, path
+
+
+def test_adapter_tensor_relabelled_as_integer_is_refused(pretrained, trained, tmp_path):
+    """A float32 tensor whose header says int32 (same byte size) would load as integers near
+    1e9 cast into float parameters: an error naming the tensor, nothing loaded."""
+    src, path = _adapter_copy(trained, tmp_path)
+    name = next(k for k in load_file(src) if 'flora_core' in k)
+    _relabel_safetensors(src, str(path), name)
+    assert load_file(str(path))[name].dtype == torch.int32
+    runner = Runner.from_cfg(tiny.make_cfg(str(tmp_path / 'm'), pretrained))
+    before = {k: v.clone() for k, v in runner.model.state_dict().items()}
+    with pytest.raises(ValueError, match=re.escape(name) + r'.*torch\.int32'):
+        load_adapter_checkpoint(runner.model, str(path))
+    after = runner.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize('sidecar, message', [
+    ('[1, 2, 3]', 'expected a JSON object.*got a list'),
+    ('"text"', 'expected a JSON object.*got a str'),
+    ('{"format": "flora_mm.adapter/1", "methods": [], "base_fingerprint": "x", '
+     '"num_tensors": 1, "num_elements": 1, "meta": {}}', "field 'methods' must be a JSON dict"),
+    ('{"format": "flora_mm.adapter/1", "methods": {}, "base_fingerprint": 3, '
+     '"num_tensors": 1, "num_elements": 1, "meta": {}}', "field 'base_fingerprint' must be"),
+    ('{"format": "flora_mm.adapter/1", "methods": {"": 1}, "base_fingerprint": "x", '
+     '"num_tensors": 1, "num_elements": 1, "meta": {}}', "map each adapted module"),
+    ('\xff\xfe', 'not valid JSON'),
+])
+def test_malformed_adapter_sidecar_is_a_clear_error(pretrained, trained, tmp_path, sidecar,
+                                                    message):
+    from flora_mm.peft.io import read_adapter_info
+    _, path = _adapter_copy(trained, tmp_path)
+    (tmp_path / 'copy_adapter.json').write_bytes(sidecar.encode('latin-1'))
+    with pytest.raises(ValueError, match=message):
+        read_adapter_info(str(path))
+    runner = Runner.from_cfg(tiny.make_cfg(str(tmp_path / 'm'), pretrained))
+    with pytest.raises(ValueError, match='copy_adapter.json'):
+        load_adapter_checkpoint(runner.model, str(path))
+
+
+def test_stale_temporaries_are_removed_and_a_failed_save_leaves_no_adapter(pretrained,
+                                                                           tmp_path):
+    """A save killed midway leaves a ``.tmp-*`` file: the next save of the run removes it.
+    A checkpoint that cannot be written (a full disk; here its path is taken by a folder) takes
+    its staged adapter pair with it, and the error names the file."""
+    from flora_mm.checkpoint import AtomicLocalBackend, add_companions
+    from flora_mm.utils.fileio import temporary_beside
+    work = tmp_path / 'w'
+    work.mkdir()
+    stale = temporary_beside(str(work / 'iter_2.pth'))
+    cfg = tiny.make_cfg(str(work), pretrained, max_iters=2, val=False)
+    Runner.from_cfg(cfg).train()
+    assert not osp.exists(stale)
+    assert osp.isfile(work / 'iter_2.pth') and osp.isfile(work / 'iter_2_adapter.safetensors')
+    # the companion protocol itself: a failing checkpoint write removes the staged pair
+    staged = [temporary_beside(str(tmp_path / 'x_adapter.safetensors')),
+              temporary_beside(str(tmp_path / 'x_adapter.json'))]
+    add_companions(str(tmp_path / 'x.pth'),
+                   list(zip(staged, [str(tmp_path / 'x_adapter.safetensors'),
+                                     str(tmp_path / 'x_adapter.json')])))
+
+    (tmp_path / 'x.pth').mkdir()
+    with pytest.raises(OSError, match=r'could not write .*x\.pth'):
+        AtomicLocalBackend().put(b'checkpoint', str(tmp_path / 'x.pth'))
+    assert not any(osp.exists(p) for p in staged)
+    assert not osp.exists(tmp_path / 'x_adapter.safetensors')
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith('.tmp-')] == []
+    # and a successful write commits the pair right after the checkpoint
+    staged = [temporary_beside(str(tmp_path / 'y_adapter.safetensors'))]
+    open(staged[0], 'w').write('adapter')
+    add_companions(str(tmp_path / 'y.pth'), [(staged[0], str(tmp_path / 'y_adapter.safetensors'))])
+    AtomicLocalBackend().put(b'checkpoint', str(tmp_path / 'y.pth'))
+    assert open(tmp_path / 'y_adapter.safetensors').read() == 'adapter'
 
 
 def test_override_pattern_that_matches_nothing_is_an_error():

@@ -11,8 +11,11 @@ from flora_mm.apis.memory import optimizer_states_per_element, plan_model, shard
 from flora_mm.dist import checksums, partial_checksum
 from flora_mm.models import ConvNeXtV2, InternViT
 from flora_mm.peft import adapter_layers, inject_adapters
-from flora_mm.peft.flora import tucker_product
-from flora_mm.peft.norms import flora_sq_norm, lora_sq_norm, update_sq_norm
+from flora_mm.peft.flora import flora_sq_norm, tucker_product
+from flora_mm.peft.lora import lora_sq_norm
+from flora_mm.peft.norms import update_sq_norm
+
+from ._methods import adapter_methods, method_config
 
 
 # --------------------------------------------------------------------------- norms
@@ -36,12 +39,12 @@ def test_lora_closed_form_norm_equals_materialised():
         float((2.5 * b @ a).pow(2).sum()), rel=1e-5)
 
 
-@pytest.mark.parametrize('peft', [dict(type='FLoRA', rank=4, kernel_rank=2),
-                                  dict(type='LoRA', rank=4), dict(type='DoRA', rank=4)])
-def test_update_sq_norm_every_layer(peft):
+@pytest.mark.parametrize('method', adapter_methods())
+def test_update_sq_norm_every_layer(method):
+    """Closed forms (FLoRA, LoRA, ...) and the materialising fallback (DoRA) alike."""
     torch.manual_seed(0)
     model = ConvNeXtV2(arch='atto')
-    inject_adapters(model, peft)
+    inject_adapters(model, method_config(method, rank=4, second=2))
     with torch.no_grad():  # move the adapters away from their zero-update init
         for p in model.parameters():
             if p.requires_grad:

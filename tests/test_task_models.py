@@ -10,17 +10,12 @@ from mmengine.registry import DATASETS, MODELS
 
 from flora_mm.peft import adapter_state_dict, injected_roots
 
+from ._methods import method_table
 from .conftest import register_scope, tiny_config
 
 TARGETS = dict(types=['Conv2d', 'Linear'])
-METHODS = {
-    'Frozen': dict(type='Frozen'),
-    'Full': dict(type='Full'),
-    'BitFit': dict(type='BitFit', targets=TARGETS),
-    'LoRA': dict(type='LoRA', rank=4, targets=TARGETS),
-    'DoRA': dict(type='DoRA', rank=4, targets=TARGETS),
-    'FLoRA': dict(type='FLoRA', rank=4, kernel_rank=2, scale=4.0, targets=TARGETS),
-}
+# every registered method (tests/_methods.py)
+METHODS = method_table(rank=4, second=2, targets=TARGETS, settings=dict(FLoRA=dict(scale=4.0)))
 TASKS = {'coco': 'mmdet', 'ade20k': 'mmseg', 'dota': 'mmrotate'}
 
 

@@ -268,7 +268,7 @@ def test_merge_errors(trained, tmp_path):
     # another rank than the one trained: does not fit (full) / other method config (adapter)
     other_rank = {'model.backbone.peft.rank': 8,
                   'model.backbone.backbone.init_cfg.checkpoint': trained['pretrained']}
-    with pytest.raises(MergeError, match='does not fit.*shape mismatches'):
+    with pytest.raises(MergeError, match='does not fit.*with another shape'):
         merge(TINY_COCO, trained['full'], out, cfg_options=other_rank)
     with pytest.raises(MergeError, match='does not fit.*PEFT methods'):
         merge(TINY_COCO, trained['adapter'], out, cfg_options=other_rank)
@@ -386,7 +386,7 @@ def test_test_tool_paths(trained, tmp_path, monkeypatch):
     """tools/test.py (flora_mm.apis.test): a full checkpoint needs no pretrained file; an
     adapter file is checked against its base; an unsafe file is refused."""
     from flora_mm.apis import test
-    from flora_mm.engine import CheckpointError, UnsafeCheckpointError
+    from flora_mm.checkpoint import CheckpointError, UnsafeCheckpointError
     monkeypatch.chdir(trained['root'])  # the tiny config's data paths are relative
     gone = {'model.backbone.backbone.init_cfg.checkpoint': str(tmp_path / 'gone.pth')}
     # (the tiny model finds no boxes after 2 iterations: metrics are empty; that both runs

@@ -1,5 +1,10 @@
 """Parameter budgets: the rank (and FLoRA's kernel rank) that matches a budget like the paper's.
 
+Which field a budget solves, and which other ranks it tries, each method declares itself
+(``PEFTMethod.budget_rank``, ``budget_rank_choices``, ``with_budget_ranks``): LoRA, DoRA and FLoRA
+solve ``rank``, FLoRA tries kernel ranks 1 and 2 as well; a method registered elsewhere with a
+``budget_rank`` is solved the same way.
+
 Why: the paper compares methods at matched budgets (Table 1: about 12.9M / 25.9M / 51.8M on
 ConvNeXt-V2-L; Table 2: 0.32% / 0.66% of InternViT-6B), and the count of an adapter depends on
 every targeted layer's shape, groups and kernel, on rank clamping and on per-layer overrides.
@@ -30,16 +35,51 @@ from mmengine.logging import MMLogger
 from mmengine.registry import init_default_scope
 from torch import nn
 
-from ..peft import build_peft_method, count_parameters, injected_roots, remove_adapters
+from ..checkpoint import to_plain
+from ..peft import (PEFTConfigError, PEFTMethod, build_peft_method, count_parameters,
+                    injected_roots, remove_adapters)
 from ..registry import MODELS, PEFT_METHODS
 from .config import get_scope, load_config
 
-#: methods whose size follows a rank, and the rank fields the solver sets
-RANK_METHODS = ('LoRA', 'DoRA', 'FLoRA')
-#: FLoRA kernel ranks tried by default: the paper's r3 in {1, 2}
-DEFAULT_KERNEL_RANKS = (1, 2)
 #: the solver stops doubling the rank here (LoRA's count grows without bound)
 DEFAULT_MAX_RANK = 4096
+
+
+def registered_methods() -> list[type[PEFTMethod]]:
+    """Every registered method class once (aliases such as 'Base' left out), in table order
+    (``PEFTMethod.table_order``, then registration order)."""
+    classes = list(dict.fromkeys(PEFT_METHODS.module_dict.values()))
+    return sorted(classes, key=lambda cls: cls.table_order)
+
+
+def rank_methods() -> tuple[str, ...]:
+    """Names of the registered methods whose size follows a rank (``budget_rank``)."""
+    return tuple(cls.__name__ for cls in registered_methods() if cls.budget_rank is not None)
+
+
+def __getattr__(name: str):
+    # RANK_METHODS: the methods a budget can be solved for, read from the registry when asked
+    # (a method registered after this module was imported is included); DEFAULT_KERNEL_RANKS:
+    # the kernel ranks tried by default, as the method with a kernel rank declares them
+    if name == 'RANK_METHODS':
+        return rank_methods()
+    if name == 'DEFAULT_KERNEL_RANKS':
+        for cls in registered_methods():
+            if 'kernel_rank' in cls.budget_rank_choices:
+                return tuple(cls.budget_rank_choices['kernel_rank'])
+        return ()
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def second_rank(cls: type[PEFTMethod]) -> tuple[Optional[str], tuple[int, ...]]:
+    """The one rank besides ``budget_rank`` that the solver tries (name, default candidates),
+    or (None, ())."""
+    choices = cls.budget_rank_choices
+    if len(choices) > 1:
+        raise BudgetError(f'{cls.__name__}: the solver tries one rank besides '
+                          f'{cls.budget_rank!r}, the method declares {sorted(choices)}')
+    return next(iter(choices.items()), (None, ()))
+
 
 _SUFFIX = {'': 1.0, 'K': 1e3, 'M': 1e6, 'G': 1e9, 'B': 1e9}
 _BUDGET_RE = re.compile(r'^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMgGbB%]?)\s*$')
@@ -130,15 +170,6 @@ def base_peft(config: str | Config) -> dict:
     return to_plain(cfg.model.backbone.peft)
 
 
-def to_plain(value):
-    """ConfigDicts and tuples as plain dicts and lists (for copying, hashing and printing)."""
-    if isinstance(value, dict):
-        return {k: to_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_plain(v) for v in value]
-    return value
-
-
 def build_backbone_meta(cfg: Config, peft: Optional[dict] = None) -> nn.Module:
     """The config's PEFTBackbone on the meta device, with ``peft`` in place of the config's."""
     backbone = to_plain(cfg.model.backbone)
@@ -194,25 +225,20 @@ def method_peft(method: str, base: dict) -> dict:
 
 
 def with_rank(peft: dict, rank: int, kernel_rank: Optional[int] = None) -> dict:
-    """``peft`` with its rank fields set. LoRA/DoRA ``alpha`` follows the rank when it equalled
-    it (scaling 1, as in every config here); any other alpha is the user's choice and stays."""
-    out = copy.deepcopy(peft)
-    kind = PEFT_METHODS.get(out['type']).__name__
-    if kind == 'FLoRA':
-        if out.get('ranks') is not None:
-            raise BudgetError('FLoRA with an explicit `ranks` list: the solver sets `rank` and '
-                              '`kernel_rank`; remove `ranks` to solve a budget')
-        out['rank'] = int(rank)
-        if kernel_rank is not None:
-            out['kernel_rank'] = int(kernel_rank)
-    elif kind in ('LoRA', 'DoRA'):
-        old_rank, alpha = out.get('rank', 8), out.get('alpha', None)
-        out['rank'] = int(rank)
-        if alpha is not None and alpha == old_rank:
-            out['alpha'] = int(rank)
-    else:
-        raise BudgetError(f'{kind} has no rank: only {RANK_METHODS} can be fitted to a budget')
-    return out
+    """``peft`` with its rank fields set, as its method sets them (``with_budget_ranks``: e.g.
+    LoRA/DoRA ``alpha`` follows the rank when it equalled it, scaling 1 as in every config
+    here; any other alpha is the user's choice and stays). ``kernel_rank`` is the value of the
+    method's second budget rank (FLoRA's ``kernel_rank``); methods without one ignore it."""
+    cls = PEFT_METHODS.get(peft['type'])
+    if cls.budget_rank is None:
+        raise BudgetError(f'{cls.__name__} has no rank: only {rank_methods()} can be fitted to '
+                          'a budget')
+    second, _ = second_rank(cls)
+    choices = {second: kernel_rank} if second is not None else {}
+    try:
+        return cls.with_budget_ranks(peft, rank, **choices)
+    except PEFTConfigError as err:
+        raise BudgetError(str(err)) from err
 
 
 @dataclass
@@ -316,8 +342,9 @@ def solve_rank(config: str | Config, budget: str | float | Budget,
     """The rank for ``method`` (default: the config's own) whose ``method_params`` on the
     config's backbone is closest to ``budget``.
 
-    FLoRA: every kernel rank in ``kernel_ranks`` (default: the paper's 1 and 2) is tried with
-    its best rank and the closest pair wins (ties: the config's own kernel rank, then the
+    A method with a second budget rank (FLoRA's kernel rank): every value in ``kernel_ranks``
+    (default: the method's ``budget_rank_choices``, for FLoRA the paper's 1 and 2) is tried
+    with its best rank and the closest pair wins (ties: the config's own value, then the
     smaller). Every count comes from the real adapted backbone on the meta device, and the
     answer is re-counted through ``PEFTBackbone`` itself, as training builds it.
     """
@@ -328,15 +355,16 @@ def solve_rank(config: str | Config, budget: str | float | Budget,
     if PEFT_METHODS.get(method) is None:
         raise BudgetError(f'unknown PEFT method {method!r}; registered: '
                           f'{sorted(PEFT_METHODS.module_dict)}')
-    kind = PEFT_METHODS.get(method).__name__
-    if kind not in RANK_METHODS:
-        raise BudgetError(f'{method} has no rank: only {RANK_METHODS} can be fitted to a budget')
+    cls = PEFT_METHODS.get(method)
+    kind = cls.__name__
+    if cls.budget_rank is None:
+        raise BudgetError(f'{method} has no rank: only {rank_methods()} can be fitted to a '
+                          'budget')
     peft = method_peft(kind, base)
-    if kind == 'FLoRA':
-        with_rank(peft, 1)  # fails early on an explicit `ranks` list
+    smallest = with_rank(peft, 1)  # fails early on a config the method cannot solve
     backbone = _MetaBackbone(cfg)
-    saved = {k: v for k, v in peft.items() if k == 'modules_to_save'}
-    backbone_params = backbone.counts(dict(type='Frozen', **saved))['backbone_params']
+    # the pretrained backbone less modules_to_save: the same whatever is injected
+    backbone_params = backbone.counts(smallest)['backbone_params']
     target = budget.target(backbone_params)
 
     cache: dict[tuple, int] = {}
@@ -349,9 +377,10 @@ def solve_rank(config: str | Config, budget: str | float | Budget,
             return cache[key]
         return count
 
-    if kind == 'FLoRA':
-        own = peft.get('kernel_rank', 2)
-        candidates = sorted(set(kernel_ranks or DEFAULT_KERNEL_RANKS))
+    second, defaults = second_rank(cls)
+    if second is not None:
+        own = peft.get(second, getattr(cls, second))
+        candidates = sorted(set(kernel_ranks or defaults))
         if not candidates or any(not isinstance(k, int) or k < 1 for k in candidates):
             raise BudgetError(f'kernel ranks must be integers >= 1, got {kernel_ranks!r}')
     else:
@@ -377,19 +406,21 @@ def solve_rank(config: str | Config, budget: str | float | Budget,
 
 
 def solve_all(config: str | Config, budget: str | float | Budget,
-              methods: Sequence[str] = RANK_METHODS, cfg_options: Optional[dict] = None,
+              methods: Optional[Sequence[str]] = None, cfg_options: Optional[dict] = None,
               **kwargs) -> list[Solution]:
-    """``solve_rank`` for every method in ``methods`` (the config is read once)."""
+    """``solve_rank`` for every method in ``methods`` (default: ``rank_methods()``; the config
+    is read once)."""
     cfg = _load(config, cfg_options)
-    return [solve_rank(cfg, budget, method=m, **kwargs) for m in methods]
+    return [solve_rank(cfg, budget, method=m, **kwargs) for m in methods or rank_methods()]
 
 
 def format_solutions(solutions: Sequence[Solution]) -> str:
     """One line per method: the chosen ranks and how close the count lands."""
     lines = []
     for s in solutions:
-        ranks = f'rank={s.rank}' + (f', kernel_rank={s.kernel_rank}'
-                                     if s.kernel_rank is not None else '')
+        cls = PEFT_METHODS.get(s.method)
+        ranks = f'{cls.budget_rank}={s.rank}' + (
+            f', {second_rank(cls)[0]}={s.kernel_rank}' if s.kernel_rank is not None else '')
         note = '' if s.reachable else '  (budget out of reach: largest count shown)'
         lines.append(f'{s.method:<6} {ranks:<26} {s.count:>14,} params '
                      f'({100 * s.share:.3f}% of {s.backbone_params:,}; budget {s.budget} = '
@@ -407,4 +438,5 @@ __all__ = ['Budget', 'BudgetError', 'Solution', 'parse_budget', 'format_count', 
            'to_plain',
            'build_backbone_meta', 'backbone_counts', 'count_backbone', 'method_peft',
            'with_rank', 'solve_rank', 'solve_all', 'format_solutions', 'closest_possible',
-           'RANK_METHODS', 'DEFAULT_KERNEL_RANKS']
+           'registered_methods', 'rank_methods', 'second_rank', 'RANK_METHODS',
+           'DEFAULT_KERNEL_RANKS']

@@ -28,12 +28,13 @@ from mmengine.config import Config
 from mmengine.logging import print_log
 from torch import nn
 
-from ..engine.checkpoint import (CheckpointError, load_checkpoint_file,
-                                 mmengine_checkpoint_globals, non_finite_tensors)
+from ..checkpoint import (CheckpointError, check_finite, check_keys, check_types,
+                          load_checkpoint_file, mmengine_checkpoint_globals, state_dict_of,
+                          to_plain)
 from ..models.convnextv2 import ConvNeXtV2, mmpretrain_convnext_cfg, timm_to_mmpretrain
 from ..peft import adapter_layers, injected_roots, remove_adapters
 from ..peft.io import load_adapter_checkpoint, read_adapter_info
-from ..utils import atomic_paths, short_list
+from ..utils import atomic_paths
 from .config import load_config
 from .model import build_model, is_flora_hook, peft_backbone_cfg
 
@@ -58,27 +59,14 @@ def load_full_checkpoint(model: nn.Module, path: str, config: str) -> dict:
     try:  # weights_only, with the objects of plain mmengine checkpoints allowed (only)
         with mmengine_checkpoint_globals():
             ckpt = load_checkpoint_file(path, map_location='cpu')
-    except CheckpointError as err:  # names the file (and the refused object)
+        state = state_dict_of(ckpt, path)
+        own = model.state_dict()
+        check_keys(own, state, path, unexpected_ok=False,
+                   cause=f'not trained with {config} (another PEFT method, rank or model size)')
+        check_types(own, state, path)
+        check_finite(state, path)
+    except CheckpointError as err:  # names the file (and the refused object or tensors)
         raise MergeError(str(err)) from None
-    state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise MergeError(f'{path} holds no state dict')
-    state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [f'{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}'
-                  for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        raise MergeError(
-            f'{path} does not fit {config}: {len(missing)} missing keys [{short_list(missing)}]'
-            f', {len(unexpected)} unexpected keys [{short_list(unexpected)}], {len(mismatched)} '
-            f'shape mismatches (file vs model) [{short_list(mismatched)}]. Was it trained with '
-            'this config (same PEFT method, rank, model size)?')
-    bad = non_finite_tensors(state)
-    if bad:
-        raise MergeError(f'{path} holds non-finite values (NaN/Inf) in {len(bad)} tensors '
-                         f'[{short_list(bad)}]: the run that wrote it diverged')
     model.load_state_dict(state, strict=True)
     meta = ckpt.get('meta', {}) if isinstance(ckpt, dict) else {}
     return meta if isinstance(meta, dict) else {}
@@ -147,17 +135,6 @@ def build_mmpretrain_backbone(backbone_cfg: dict, state: dict[str, torch.Tensor]
 
 
 # ------------------------------------------------------------------------ output
-def _plain(value: Any) -> Any:
-    """Meta values as built-in types only (ConfigDict etc. would need weights_only=False)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_plain(v) for v in value)
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
-
-
 def dataset_meta(cfg: Config) -> Optional[dict]:
     """The test dataset's METAINFO (plus the config's ``metainfo``), as mmengine stores it in
     checkpoints (the adapter-only file has none); None if it cannot be found."""
@@ -284,7 +261,7 @@ def _meta(src_meta: dict, cfg: Config, checkpoint: str, adapter: bool, methods: 
     ds_meta = src_meta.get('dataset_meta') or dataset_meta(cfg)
     if ds_meta:
         meta['dataset_meta'] = ds_meta
-    return _plain(meta)
+    return to_plain(meta, unknown='str', sequences='keep')
 
 
 def merge(config: str, checkpoint: str, out: str, adapter: bool = False,

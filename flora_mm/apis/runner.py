@@ -16,7 +16,8 @@ from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-from ..engine.checkpoint import mmengine_checkpoint_globals
+from ..checkpoint import (CheckpointError, find_resumable_checkpoint, load_checkpoint_file,
+                          mmengine_checkpoint_globals)
 from ..utils import config_dicts
 from .config import (adapt_to_cpu_distributed, get_scope, init_cpu_process_group,
                      load_runner_config)
@@ -66,6 +67,33 @@ def apply_resume(cfg: Config, resume: Optional[str]) -> None:
         cfg.load_from = resume
 
 
+def restore_run_seed(cfg: Config) -> None:
+    """A resume whose config sets no seed continues with the seed of the run it resumes.
+
+    mmengine draws a seed when the config has none, records it in each checkpoint and sets it
+    again on resume, but only after the dataloaders were built with the new one: the sampler's
+    order and the workers' seeds would differ from the original run's. So the seed is read from
+    the checkpoint (memory-mapped: only its metadata is touched) and put into the config before
+    the Runner is built. An auto ``--resume`` is resolved to the newest complete checkpoint here
+    for the same reason. Nothing changes when the config sets a seed or nothing is resumed.
+    """
+    if not cfg.get('resume') or (cfg.get('randomness') or {}).get('seed') is not None:
+        return
+    path = cfg.get('load_from') or find_resumable_checkpoint(cfg.work_dir)
+    if path is None:
+        return  # nothing to resume: mmengine starts a new run
+    cfg.load_from = path
+    try:
+        with mmengine_checkpoint_globals():
+            meta = load_checkpoint_file(path, mmap=True).get('meta') or {}
+    except (CheckpointError, OSError, AttributeError):
+        return  # the Runner's own load reports what is wrong with the file
+    seed = meta.get('seed') if isinstance(meta, dict) else None
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        cfg.randomness = dict(cfg.get('randomness') or {}, seed=seed)
+        print_log(f'resuming with the seed of {path}: {seed}', logger='current')
+
+
 def train(config: str, work_dir: Optional[str] = None, resume: Optional[str] = None,
           amp: bool = False, auto_scale_lr: bool = False, cfg_options: Optional[dict] = None,
           launcher: str = 'none') -> Runner:
@@ -76,9 +104,10 @@ def train(config: str, work_dir: Optional[str] = None, resume: Optional[str] = N
     if auto_scale_lr:
         enable_auto_scale_lr(cfg)
     apply_resume(cfg, resume)
+    restore_run_seed(cfg)
     runner = build_runner(cfg)
     # checkpoints written by plain mmengine (resume, load_from) carry numpy / HistoryBuffer
-    # objects: allowed for this run only (flora_mm.engine.checkpoint)
+    # objects: allowed for this run only (flora_mm.checkpoint)
     with mmengine_checkpoint_globals():
         runner.train()
     return runner

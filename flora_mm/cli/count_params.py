@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 from mmengine.config import DictAction
 
-from flora_mm.apis.budget import RANK_METHODS, format_solutions, solve_all
+from flora_mm.apis.budget import format_solutions, rank_methods, solve_all
 from flora_mm.apis.count import count_params, format_counts, logs_to_stderr
 from flora_mm.cli._args import budget, positive_int
 
@@ -30,7 +30,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--json', action='store_true', help='print JSON instead of a table')
     parser.add_argument('--budget', type=budget, help='a parameter count (12.9M, 500K) or a share '
                         'of the pretrained backbone (0.66%%): print the closest rank per method')
-    parser.add_argument('--methods', nargs='+', default=list(RANK_METHODS),
+    parser.add_argument('--methods', nargs='+', default=list(rank_methods()),
                         help='methods to solve --budget for (default: %(default)s)')
     parser.add_argument('--kernel-ranks', nargs='+', type=positive_int,
                         help='FLoRA kernel ranks --budget may pick (default: 1 2)')

@@ -1,10 +1,12 @@
-from ..peft.inspection import parameter_table, update_norms  # re-exported (former home)
-from .checkpoint import (CheckpointError, UnsafeCheckpointError, find_resumable_checkpoint,
-                         load_checkpoint_file, mmengine_checkpoint_globals)
+"""Training-time machinery: the PEFT run's hooks, the layer-decay optimizer constructor and
+sharded training (registered in mmengine's registries on import)."""
 from .flora_hook import FLoRAHook
+from .hooks import (AdapterCheckpointHook, AdapterInjectionHook, ExactResumeHook,
+                    FiniteCheckHook, FrozenWeightsHook, PlainCheckpointHook, TrainableSetHook,
+                    UpdateNormHook)
 from .optim_constructor import LayerDecayOptimWrapperConstructor
 from . import fsdp  # noqa: F401,E402  (registers FullyShardedModel and FSDPRunner)
 
-__all__ = ['FLoRAHook', 'LayerDecayOptimWrapperConstructor', 'parameter_table', 'update_norms',
-           'CheckpointError', 'UnsafeCheckpointError', 'find_resumable_checkpoint',
-           'load_checkpoint_file', 'mmengine_checkpoint_globals']
+__all__ = ['FLoRAHook', 'AdapterCheckpointHook', 'AdapterInjectionHook', 'ExactResumeHook',
+           'FiniteCheckHook', 'FrozenWeightsHook', 'PlainCheckpointHook', 'TrainableSetHook',
+           'UpdateNormHook', 'LayerDecayOptimWrapperConstructor']

@@ -43,7 +43,7 @@ from ..models import ConvNeXtV2
 from ..models.convnextv2 import CONVNEXTV2_ARCHS
 from ..peft import (FLoRA, FLoRALayer, PEFTMethod, count_parameters, inject_adapters,
                     merge_adapters)
-from ..peft.recompute import RecomputeStats
+from ..ops.recomputed_input import RecomputeStats
 
 TARGETS = dict(types=['Conv2d', 'Linear'])
 

@@ -44,9 +44,29 @@ from ..apis import budget as B
 from ..apis.count import count_params
 from .launch import child_env, tool_command
 
-#: display order of the methods (the paper's Table 1 rows)
-METHOD_ORDER = ('Frozen', 'Full', 'BitFit', 'LoRA', 'DoRA', 'FLoRA')
-METHOD_LABEL = {'Frozen': 'Base', 'Full': 'Fully FT'}
+# How a method is labelled, ordered, counted and drawn, each method class declares itself
+# (PEFTMethod.label, table_order, budget_rank, budget_rank_choices, trains_module,
+# plot_style); this module only asks the registry.
+
+
+def _method_cls(name: str):
+    """The registered class of a method name (None for a name no longer registered)."""
+    return PEFT_METHODS.get(name) if name else None
+
+
+def _label(method: str) -> str:
+    cls = _method_cls(method)
+    return cls.label if cls is not None else method
+
+
+def __getattr__(name: str):
+    # METHOD_ORDER (the paper's Table 1 rows) and METHOD_LABEL, read from the registry
+    if name == 'METHOD_ORDER':
+        return tuple(cls.__name__ for cls in B.registered_methods())
+    if name == 'METHOD_LABEL':
+        return {cls.__name__: cls.label for cls in B.registered_methods()
+                if cls.label != cls.__name__}
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 _COCO_SUFFIX = (('mAP', 'mAP'), ('mAP_50', 'AP50'), ('mAP_75', 'AP75'), ('mAP_s', 'APs'),
                 ('mAP_m', 'APm'), ('mAP_l', 'APl'))
@@ -154,6 +174,21 @@ def _method_name(peft: dict) -> str:
     return cls.__name__
 
 
+def _run_ranks(peft: dict, defaults: bool) -> tuple[Optional[int], Optional[int]]:
+    """The rank and second rank (FLoRA's kernel rank) of a run's ``peft``, for methods that
+    have them; with ``defaults``, the method's own where ``peft`` does not set them."""
+    cls = PEFT_METHODS.get(peft['type'])
+    if cls.budget_rank is None:
+        return None, None
+
+    def value(name: Optional[str]) -> Optional[int]:
+        if name is None:
+            return None
+        return peft.get(name, getattr(cls, name)) if defaults else peft.get(name)
+
+    return value(cls.budget_rank), value(B.second_rank(cls)[0])
+
+
 def _slug(text: str) -> str:
     return re.sub(r'[^A-Za-z0-9.]+', '', text.replace('%', 'pct')).lower()
 
@@ -193,23 +228,20 @@ def plan_runs(configs: Sequence[str], methods: Optional[Sequence[str]] = None,
             else 'epochs'
         if not methods:
             method = _method_name(base)
+            rank, second = _run_ranks(base, defaults=False)
             specs.append(RunSpec(name=stem, task=task, config=path, method=method,
                                  backbone=backbone, peft=base, overrides=overrides, loop=loop,
-                                 rank=base.get('rank') if method in B.RANK_METHODS else None,
-                                 kernel_rank=base.get('kernel_rank')
-                                 if method == 'FLoRA' else None))
+                                 rank=rank, kernel_rank=second))
             continue
         for method in methods:
             method = _method_name(dict(type=method))
             peft = B.method_peft(method, base)
-            if method not in B.RANK_METHODS or not budgets:
-                rank = peft.get('rank', PEFT_METHODS.get(method).rank) \
-                    if method in B.RANK_METHODS else None
+            if PEFT_METHODS.get(method).budget_rank is None or not budgets:
+                rank, second = _run_ranks(peft, defaults=True)
                 specs.append(RunSpec(
                     name=f'{stem}-{method.lower()}' + (f'_r{rank}' if rank else ''),
                     task=task, config=path, method=method, backbone=backbone, peft=peft,
-                    overrides=overrides, rank=rank, loop=loop,
-                    kernel_rank=peft.get('kernel_rank', 2) if method == 'FLoRA' else None))
+                    overrides=overrides, rank=rank, loop=loop, kernel_rank=second))
                 continue
             for budget in budgets:
                 key = json.dumps([B.to_plain(cfg.model.backbone), method, budget,
@@ -219,8 +251,10 @@ def plan_runs(configs: Sequence[str], methods: Optional[Sequence[str]] = None,
                     solved[key] = B.solve_rank(cfg, budget, method=method,
                                                kernel_ranks=kernel_ranks)
                 sol = solved[key]
+                second = B.second_rank(PEFT_METHODS.get(method))[0]
                 log(f'[compare] {task} {method} at {budget}: rank {sol.rank}'
-                    + (f', kernel rank {sol.kernel_rank}' if sol.kernel_rank else '')
+                    + (f', {second.replace("_", " ")} {sol.kernel_rank}'
+                       if sol.kernel_rank else '')
                     + f' -> {sol.count:,} ({100 * sol.rel_error:+.2f}%)')
                 specs.append(RunSpec(
                     name=f'{stem}-{method.lower()}_{_slug(sol.budget)}', task=task, config=path,
@@ -481,8 +515,10 @@ def build_table(results: Sequence[dict]) -> dict:
         row['avg'] = sum(values) / len(values) if values else None
 
     def order(row: dict) -> tuple:
-        fixed = row['method'] in METHOD_ORDER[:3]
-        rank_of = METHOD_ORDER.index(row['method']) if row['method'] in METHOD_ORDER else 99
+        cls = _method_cls(row['method'])
+        # methods without a rank have one size: their rows first, in table order
+        fixed = cls is not None and cls.budget_rank is None
+        rank_of = cls.table_order if cls is not None else 99
         size = max(row['params'].values())
         return (row['backbone'], not fixed, rank_of if fixed else 0,
                 _budget_sort(row['budget'], size), rank_of, size)
@@ -505,7 +541,8 @@ def _fmt(value: Optional[float], digits: int = 1) -> str:
 
 
 def _params_cell(row: dict) -> str:
-    if row['method'] == 'Frozen':
+    cls = _method_cls(row['method'])
+    if cls is not None and not cls.trains_module:
         return '-'
     counts = sorted(set(row['params'].values()))
     shares = sorted(set(round(100 * s, 2) for s in row['share'].values()))
@@ -515,7 +552,7 @@ def _params_cell(row: dict) -> str:
 
 
 def _method_cell(row: dict) -> str:
-    label = METHOD_LABEL.get(row['method'], row['method'])
+    label = _label(row['method'])
     if row['rank'] is not None:
         label += f' r{row["rank"]}' + (f'/{row["kernel_rank"]}' if row['kernel_rank'] else '')
     return label
@@ -580,8 +617,6 @@ def format_csv(table: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- plot
-_STYLE = {'Frozen': ('k', None), 'Full': ('#555555', 's'), 'BitFit': ('#2ca02c', '^'),
-          'LoRA': ('#1f77b4', 'o'), 'DoRA': ('#ff7f0e', 'D'), 'FLoRA': ('#d62728', '*')}
 PANEL_INCHES = (4.6, 3.6)
 DPI = 100
 
@@ -625,11 +660,13 @@ def plot(table: dict, path: str) -> dict:
                         points.append((x, y, f'r{r["rank"]}' if r['rank'] else ''))
                 if not points:
                     continue
-                label = METHOD_LABEL.get(method, method)
+                cls = _method_cls(method)
+                label = _label(method)
                 if len(backbones) > 1:
                     label += f' ({backbone})'
-                color, marker = _STYLE.get(method, (None, 'o'))
-                if method == 'Frozen' or all(p[0] == 0 for p in points):
+                color, marker = cls.plot_style if cls is not None else (None, 'o')
+                level = cls is not None and not cls.trains_module
+                if level or all(p[0] == 0 for p in points):
                     ax.axhline(points[0][1], color=color or 'k', ls='--', lw=1.2, label=label)
                 else:
                     points.sort()

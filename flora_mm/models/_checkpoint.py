@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import re
 from collections.abc import Callable
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -25,6 +24,7 @@ import torch
 import torch.nn as nn
 from mmengine.logging import print_log
 
+from ..checkpoint import CheckpointError, UnsafeCheckpointError, load_tensor_file
 from ..utils.misc import short_list
 
 # Prefixes that name a remote or zoo checkpoint; mmengine would download these, we refuse them.
@@ -46,7 +46,7 @@ PRETRAINED_KEYS = ('type', 'checkpoint', 'prefix', 'map_location', 'allow_shape_
 DEFAULT_MIN_LOADED_SHARE = 0.5
 
 
-class PretrainedLoadError(RuntimeError):
+class PretrainedLoadError(CheckpointError):
     """A pretrained file that cannot be read or does not fit the model; names the file."""
 
 
@@ -87,30 +87,16 @@ def read_state_dict(checkpoint: str) -> Dict[str, torch.Tensor]:
 
 
 def _read_file(path: str) -> Mapping:
-    """One file, safely: safetensors, or ``torch.load(weights_only=True)``."""
+    """One file, safely (``flora_mm.checkpoint.load_tensor_file``: safetensors, or
+    ``torch.load(weights_only=True)``), with the pretrained-file advice on refusal."""
     try:
-        if path.endswith('.safetensors'):
-            from safetensors.torch import load_file
-            return load_file(path, device='cpu')
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise PretrainedLoadError(_unsafe_message(path, err)) from err
-    except Exception as err:  # truncated zip, bad safetensors header, EOF, ...: name the file
+        return load_tensor_file(path, map_location='cpu')
+    except UnsafeCheckpointError as err:
         raise PretrainedLoadError(
-            f'cannot read checkpoint {path} (truncated or corrupt?): '
-            f'{type(err).__name__}: {err}') from err
-
-
-def _unsafe_message(path: str, err: Exception) -> str:
-    try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # legacy (non-zip) files cannot be scanned
-        names = []
-    found = ', '.join(names) if names else str(err).splitlines()[0]
-    return (f'refusing to load {path}: it needs arbitrary unpickling (unsafe globals: {found}), '
-            'which could run code from the file. Pretrained files must hold plain tensors '
-            '(torch.save(model.state_dict()) or safetensors); re-save its state dict in a '
-            'trusted environment.')
+            f'{err}. Pretrained files must hold plain tensors (torch.save(model.state_dict()) '
+            'or safetensors); re-save its state dict in a trusted environment.') from err
+    except CheckpointError as err:
+        raise PretrainedLoadError(str(err)) from err
 
 
 def _read_sharded(index_path: str) -> Dict[str, torch.Tensor]:

@@ -24,8 +24,8 @@ from flora_mm.registry import MODELS
 
 from ..ops import conv2d_forward
 from ..peft.base import AdapterLayer
-from ..peft.recompute import (LeanBlock, RecomputeStats, RecomputeStatsAttribute,
-                              has_call_hooks, run_with_recomputed_input)
+from ..ops.recomputed_input import RecomputeStats, run_with_recomputed_input
+from .lean_block import LeanBlock, RecomputeStatsAttribute, has_call_hooks
 
 from ._checkpoint import (DEFAULT_MIN_LOADED_SHARE, init_weights_from_cfg, load_by_keys,
                           read_state_dict, select_prefix)

@@ -23,8 +23,8 @@ from torch.utils.checkpoint import checkpoint
 from flora_mm.registry import MODELS
 
 from ..peft.base import AdapterLayer
-from ..peft.recompute import (LeanBlock, RecomputeStats, RecomputeStatsAttribute,
-                              run_with_recomputed_input)
+from ..ops.recomputed_input import RecomputeStats, run_with_recomputed_input
+from .lean_block import LeanBlock, RecomputeStatsAttribute
 
 from ._checkpoint import (DEFAULT_MIN_LOADED_SHARE, init_weights_from_cfg, load_by_keys,
                           read_state_dict, select_prefix)

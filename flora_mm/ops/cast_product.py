@@ -5,7 +5,7 @@ FLoRA's factors stay fp32 on a bf16 backbone (InternViT-6B's layout) so that the
 summed in fp32. Composed from autograd's ops, ``x.to(fp32) @ down`` (or the first conv of a
 factored conv update) keeps the fp32 copy of every adapted layer's input for the factor's
 gradient: twice the bf16 input, per layer and step. The rebuilt-input hooks
-(``peft.recompute``) can replace the input they know, not a copy made of it. Here the cast
+(``ops.recomputed_input``) can replace the input they know, not a copy made of it. Here the cast
 happens inside the op, and backward casts again. torch has no such op (autocast casts the
 other way, to the low precision).
 """

@@ -12,7 +12,7 @@ forward, which keeps nothing weight-sized (``W0 + dW``'s addition keeps nothing)
 
 Written by hand because torch's activation checkpointing recomputes a region's saved tensors
 through saved-tensor hooks, which do not compose with the hooks the lean ConvNeXt blocks
-already put around these layers (``peft.recompute``), and it would recompute the base op too. The
+already put around these layers (``ops.recomputed_input``), and it would recompute the base op too. The
 backward computes exactly what autograd's own ``ConvolutionBackward0`` / ``MmBackward0``
 compute (same kernels), and the depthwise CPU weight gradient as ``depthwise_conv`` does.
 """

@@ -81,6 +81,14 @@ def injected_roots(module: nn.Module) -> Iterator[tuple[str, nn.Module, PEFTMeth
             yield name, sub, state.method
 
 
+def injected_methods(module: nn.Module) -> dict:
+    """The injected methods' configs as JSON values, by injected root: what checkpoints and
+    adapter files record and compare."""
+    import json
+    return json.loads(json.dumps({name: method.to_dict()
+                                  for name, _, method in injected_roots(module)}, default=str))
+
+
 def merge_adapters(module: nn.Module) -> None:
     for _, layer in adapter_layers(module):
         layer.merge()

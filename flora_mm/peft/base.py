@@ -11,6 +11,7 @@ merged model saves back to plain keys once the adapter keys are dropped.
 """
 from __future__ import annotations
 
+import copy
 import math
 import re
 from dataclasses import dataclass, field, fields
@@ -202,6 +203,13 @@ class AdapterLayer(nn.Module):
 
     def reset_from_base(self) -> None:
         """Re-derive any adapter state that depends on W0 (after W0 was loaded)."""
+
+    def closed_form_sq_norm(self) -> torch.Tensor | None:
+        """``||delta_weight()||_F^2`` (fp32, 0-dim) from the adapter's own tensors without
+        building the full-size update, or None where the method has no such form (then
+        ``peft.norms.update_sq_norm`` materialises the update). Called with the adapter's
+        tensors gathered (plain tensors, also under FSDP); it must not read the base weight."""
+        return None
 
     # -- forward / merge ----------------------------------------------------------------------
     #: linear layers: 'auto' picks the cheaper of the two exact forms below per layer,
@@ -399,6 +407,47 @@ class PEFTMethod:
     layer_fields: ClassVar[tuple[str, ...]] = ()
     #: whether ``targets`` selects layers at all (Full / Frozen act on the whole module)
     uses_targets: ClassVar[bool] = True
+    #: whether the method trains any tensor of the module it adapts (Frozen: no); a comparison
+    #: shows such a method as a level, without a parameter count
+    trains_module: ClassVar[bool] = True
+
+    # -- how the harness (apis.budget, harness.compare) treats the method ---------------------
+    #: the rank field a parameter budget solves for (None: the method's size has no rank)
+    budget_rank: ClassVar[str | None] = None
+    #: other rank fields the budget solver tries, each with its default candidates (the
+    #: solver supports one such field; its value is reported as the solution's second rank)
+    budget_rank_choices: ClassVar[dict[str, tuple[int, ...]]] = {}
+    #: the row label of a comparison table and plot (default: the registered class name)
+    label: ClassVar[str] = 'PEFTMethod'
+    #: position of the method's rows in a comparison table (the paper's Table 1 order);
+    #: methods without one come after those with one
+    table_order: ClassVar[float] = 99
+    #: matplotlib colour and marker of the method's series in a comparison plot (a marker of
+    #: None: drawn as a level); colour None lets matplotlib choose
+    plot_style: ClassVar[tuple[str | None, str | None]] = (None, 'o')
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if 'label' not in cls.__dict__:  # not inherited: a subclass is labelled by its name
+            cls.label = cls.__name__
+
+    @classmethod
+    def with_budget_ranks(cls, peft: dict, rank: int, **choices: int | None) -> dict:
+        """A copy of ``peft`` (a config dict of this method) with ``budget_rank`` set to
+        ``rank`` and each of ``budget_rank_choices`` given a value (None: left as it is) set.
+        Methods adjust what follows the rank by overriding this (LoRA's alpha)."""
+        if cls.budget_rank is None:
+            raise PEFTConfigError(f'{cls.__name__} has no rank to fit to a parameter budget')
+        unknown = sorted(set(choices) - set(cls.budget_rank_choices))
+        if unknown:
+            raise PEFTConfigError(f'{cls.__name__}: {unknown} is not a rank the budget sets; '
+                                  f'it sets {[cls.budget_rank, *cls.budget_rank_choices]}')
+        out = copy.deepcopy(peft)
+        out[cls.budget_rank] = int(rank)
+        for name, value in choices.items():
+            if value is not None:
+                out[name] = int(value)
+        return out
 
     @property
     def name(self) -> str:
@@ -568,6 +617,14 @@ def set_injection_state(module: nn.Module, state: InjectionState | None) -> None
 def check_positive_int(value: Any, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise PEFTConfigError(f'{what} must be an integer >= 1, got {value!r}')
+
+
+def check_number(value: Any, what: str, positive: bool = False) -> None:
+    """A finite int or float (NaN and infinities pass ``<`` tests unnoticed), > 0 if asked."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or (positive and value <= 0)):
+        raise PEFTConfigError(f'{what} must be a finite number{" > 0" if positive else ""}, '
+                              f'got {value!r}')
 
 
 def kaiming_uniform_(tensor: torch.Tensor) -> None:

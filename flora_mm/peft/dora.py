@@ -85,3 +85,5 @@ class DoRA(_LowRankMatrixMethod):
     """LoRA's ``rank``/``alpha``/``dropout`` plus a trainable magnitude per output channel."""
 
     layer_cls: ClassVar = DoRALayer
+    table_order: ClassVar[float] = 4
+    plot_style: ClassVar = ('#ff7f0e', 'D')

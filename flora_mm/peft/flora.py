@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..registry import PEFT_METHODS
-from .base import AdapterLayer, LinearFactors, PEFTConfigError, PEFTMethod, check_positive_int
+from .base import (AdapterLayer, LinearFactors, PEFTConfigError, PEFTMethod, check_number,
+                   check_positive_int)
 
 
 def _mode_product(tensor: torch.Tensor, matrix: torch.Tensor, mode: int) -> torch.Tensor:
@@ -115,6 +116,22 @@ class FLoRALayer(AdapterLayer):
         return (in_factor.transpose(0, 1).reshape(*in_factor.shape[::-1], *ones),
                 self.scale * kernel, out_factor.reshape(*out_factor.shape, *ones))
 
+    def closed_form_sq_norm(self) -> torch.Tensor:
+        """``flora_sq_norm`` of the layer's core and factors."""
+        return flora_sq_norm(self.flora_core, list(self.flora_factors), self.scale)
+
+
+def flora_sq_norm(core: torch.Tensor, factors: Sequence[torch.Tensor],
+                  scale: float) -> torch.Tensor:
+    """``||scale * G x_1 U_1 ... x_N U_N||_F^2 = scale^2 <G, G x_1 M_1 ... x_N M_N>`` with the
+    Gram matrices ``M_n = U_n^T U_n`` (J_n x J_n): only core-sized tensors are formed."""
+    core = core.float()
+    t = core
+    for mode, factor in enumerate(factors):
+        factor = factor.float()
+        t = _mode_product(t, factor.transpose(0, 1) @ factor, mode)
+    return (scale ** 2) * (core * t).sum()
+
 
 def tucker_product(core: torch.Tensor, factors: Sequence[torch.Tensor]) -> torch.Tensor:
     """G x_1 U_1 x_2 ... x_N U_N.
@@ -152,6 +169,19 @@ class FLoRA(PEFTMethod):
     layer_cls: ClassVar = FLoRALayer
     layer_fields: ClassVar = ('rank', 'kernel_rank', 'ranks', 'scale', 'dropout', 'init',
                               'init_std')
+    budget_rank: ClassVar[str | None] = 'rank'
+    #: kernel ranks a budget tries by default: the paper's r3 in {1, 2}
+    budget_rank_choices: ClassVar[dict[str, tuple[int, ...]]] = {'kernel_rank': (1, 2)}
+    table_order: ClassVar[float] = 5
+    plot_style: ClassVar = ('#d62728', '*')
+
+    @classmethod
+    def with_budget_ranks(cls, peft: dict, rank: int, **choices: int | None) -> dict:
+        """An explicit ``ranks`` list would override ``rank`` and ``kernel_rank``: refused."""
+        if peft.get('ranks') is not None:
+            raise PEFTConfigError('FLoRA with an explicit `ranks` list: the solver sets `rank` '
+                                  'and `kernel_rank`; remove `ranks` to solve a budget')
+        return super().with_budget_ranks(peft, rank, **choices)
 
     def validate_layer_cfg(self, cfg: dict, where: str) -> None:
         super().validate_layer_cfg(cfg, where)
@@ -162,11 +192,9 @@ class FLoRA(PEFTMethod):
                 raise PEFTConfigError(f'{where}: ranks must be a list with one rank per mode')
             for r in cfg['ranks']:
                 check_positive_int(r, f'{where}: each of ranks')
-        if not isinstance(cfg['scale'], (int, float)):
-            raise PEFTConfigError(f'{where}: scale must be a number, got {cfg["scale"]!r}')
+        check_number(cfg['scale'], f'{where}: scale')
         if cfg['init'] not in FLORA_INITS:
             raise PEFTConfigError(f'{where}: init must be one of {FLORA_INITS}, '
                                   f'got {cfg["init"]!r}')
-        std = cfg['init_std']
-        if std is not None and (not isinstance(std, (int, float)) or std <= 0):
-            raise PEFTConfigError(f'{where}: init_std must be > 0 or None, got {std!r}')
+        if cfg['init_std'] is not None:
+            check_number(cfg['init_std'], f'{where}: init_std (or None)', positive=True)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..registry import PEFT_METHODS
-from .base import (AdapterLayer, LinearFactors, PEFTConfigError, PEFTMethod, check_positive_int,
+from .base import (AdapterLayer, LinearFactors, PEFTMethod, check_number, check_positive_int,
                    kaiming_uniform_)
 
 
@@ -72,6 +72,20 @@ class LoRALayer(AdapterLayer):
         return LinearFactors(self.lora_A.transpose(0, 1), None, self.lora_B.transpose(0, 1),
                              self.scaling)
 
+    def closed_form_sq_norm(self) -> torch.Tensor | None:
+        """``lora_sq_norm`` of the layer's factors; None for subclasses whose update is not
+        ``scaling * B A`` (DoRA's)."""
+        if type(self).delta_weight is not LoRALayer.delta_weight:
+            return None
+        return lora_sq_norm(self.lora_A, self.lora_B, self.scaling)
+
+
+def lora_sq_norm(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``||scaling * B A||_F^2`` from B^T B and A A^T (both r x r, symmetric): the update is
+    never built."""
+    a, b = lora_a.float(), lora_b.float()
+    return (scaling ** 2) * ((b.transpose(0, 1) @ b) * (a @ a.transpose(0, 1))).sum()
+
 
 @dataclass
 class _LowRankMatrixMethod(PEFTMethod):
@@ -80,13 +94,24 @@ class _LowRankMatrixMethod(PEFTMethod):
     dropout: float = 0.0
 
     layer_fields: ClassVar = ('rank', 'alpha', 'dropout')
+    budget_rank: ClassVar[str | None] = 'rank'
+
+    @classmethod
+    def with_budget_ranks(cls, peft: dict, rank: int, **choices: int | None) -> dict:
+        """``alpha`` follows the rank when it equalled it (scaling 1, as in every config
+        here); any other alpha is the user's choice and stays."""
+        old_rank, alpha = peft.get('rank', cls.rank), peft.get('alpha', None)
+        out = super().with_budget_ranks(peft, rank, **choices)
+        if alpha is not None and alpha == old_rank:
+            out['alpha'] = int(rank)
+        return out
 
     def validate_layer_cfg(self, cfg: dict, where: str) -> None:
         super().validate_layer_cfg(cfg, where)
         check_positive_int(cfg['rank'], f'{where}: rank')
-        alpha = cfg['alpha']
-        if alpha is not None and (not isinstance(alpha, (int, float)) or alpha <= 0):
-            raise PEFTConfigError(f'{where}: alpha must be > 0 or None (= rank), got {alpha!r}')
+        if cfg['alpha'] is not None:
+            check_number(cfg['alpha'], f'{where}: alpha (or None for alpha = rank)',
+                         positive=True)
 
 
 @PEFT_METHODS.register_module()
@@ -96,3 +121,5 @@ class LoRA(_LowRankMatrixMethod):
     alpha = r, i.e. scaling 1)."""
 
     layer_cls: ClassVar = LoRALayer
+    table_order: ClassVar[float] = 3
+    plot_style: ClassVar = ('#1f77b4', 'o')
