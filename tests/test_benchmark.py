@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flora_mm.apis.benchmark import (METHODS, BenchConfig, TrainCase, _step_peak_bytes,
+from flora_mm.harness.benchmark import (METHODS, BenchConfig, TrainCase, _step_peak_bytes,
                                      balanced_orders, format_table, interleaved_times, method_configs,
                                      peak_memory_mib, plot_result, run_benchmark,
                                      saved_activation_mib, step_flops, tune_glibc_malloc)
@@ -111,7 +111,7 @@ def test_malloc_tuning_applies_on_glibc():
 def test_malloc_values_must_fit_mallopts_int(monkeypatch):
     """mallopt takes a C int and ctypes wraps a larger value silently: a 4 GiB trim threshold
     once became 0 (trim everything), the opposite of the setting. Such a value now fails."""
-    import flora_mm.apis.benchmark as bench
+    import flora_mm.harness.benchmark as bench
     monkeypatch.setattr(bench, 'TRIM_THRESHOLD', 4 * 2 ** 30)
     with pytest.raises(ValueError, match='does not fit a C int'):
         bench.tune_glibc_malloc()
@@ -203,7 +203,7 @@ def test_tool_rejects_bad_arguments_before_measuring(tmp_path):
                          capture_output=True, text=True)
     assert res.returncode != 0 and 'does not exist' in res.stderr
     res = subprocess.run(run + ['--batch', '0'], cwd=ROOT, capture_output=True, text=True)
-    assert res.returncode != 0 and 'batch must be >= 1' in res.stderr
+    assert res.returncode == 2 and 'argument --batch: must be an integer >= 1' in res.stderr
     assert set(METHODS) >= {'Floor', 'FLoRA-ref', 'Full'}
 
 

@@ -17,7 +17,6 @@ import glob
 import json
 import os.path as osp
 import re
-import sys
 
 import pytest
 from mmengine.config import Config
@@ -228,8 +227,7 @@ def test_budget_configs_land_on_their_budget(path):
 
 def test_count_params_budget_cli(capsys):
     """tools/count_params.py CONFIG --budget: every rank method's solution, as JSON."""
-    sys.path.insert(0, osp.join(ROOT, 'tools'))
-    import count_params
+    from flora_mm.cli import count_params
     count_params.main([TINY_COCO, '--budget', '20K', '--json'])
     out = json.loads(capsys.readouterr().out)
     layers, params = convnext_layers('atto')

@@ -1,4 +1,4 @@
-"""flora_mm.apis.compare end to end on tiny ADE20K.
+"""flora_mm.harness.compare end to end on tiny ADE20K.
 
 Two methods (LoRA and FLoRA at one budget, ranks solved) are trained for one epoch (2
 iterations of 4 of the 8 images) with the real tools/train.py and tested with tools/test.py.
@@ -19,20 +19,18 @@ import json
 import os
 import os.path as osp
 import struct
-import sys
 
 import pytest
 
-from flora_mm.apis import compare as C
+from flora_mm.apis.count import count_params
 from flora_mm.datasets.checkpoints import generate_checkpoints
 from flora_mm.datasets.tiny import generate
+from flora_mm.harness import compare as C
 
 from ._methods import method_cls, method_names, second_rank
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TINY_ADE = osp.join(ROOT, 'configs/ade20k/tiny/convnextv2_flora_r16.py')
-sys.path.insert(0, osp.join(ROOT, 'tools'))
-import count_params  # noqa: E402
 
 ATTO_NORMS = 2 * (40 + 80 + 160 + 320)  # norm0..3 of ConvNeXt-V2-atto: trained by every method
 
@@ -72,7 +70,7 @@ def test_table_counts_and_metrics(compared):
     assert [r['method'] for r in csv_rows] == ['LoRA', 'FLoRA']
     for run, row, csv_row in zip(result['results'], rows, csv_rows):
         # parameter counts: count_params on the run's own config
-        counted = count_params.count_params(run['run_config'])
+        counted = count_params(run['run_config'])
         method_params = counted['per_method'][run['method']]['trainable'] - ATTO_NORMS
         assert row['params']['ADE20K'] == method_params == int(csv_row['params/ADE20K'])
         assert run['counts']['model_trainable'] == counted['trainable']

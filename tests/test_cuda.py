@@ -166,6 +166,6 @@ def test_mmcv_ops_cuda_match_cpu():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the no-GPU answer')
 def test_gpu_check_fails_without_a_gpu(tmp_path, capsys):
-    from flora_mm.apis.gpu_check import run_gpu_check
+    from flora_mm.harness.gpu_check import run_gpu_check
     assert run_gpu_check(str(tmp_path / 'gpu')) == 2  # non-zero: nothing was checked
     assert 'no CUDA device' in capsys.readouterr().out

@@ -140,18 +140,12 @@ def test_estimate_memory_tool_full_internvit6b(capsys):
     """The 6B Full recipe (fp32 master weights): 20 bytes per parameter per GPU under DDP on 8
     GPUs (weights 4 + gradients 4 + AdamW 8 + DDP buckets 4), does not fit 80 GiB; under FSDP
     on 8 it does. Figures checked against the parameter count of the built model."""
-    import importlib.util
     import os.path as osp
-    import sys
     root = osp.dirname(osp.dirname(osp.abspath(__file__)))
-    sys.path.insert(0, osp.join(root, 'tools'))
-    spec = importlib.util.spec_from_file_location(
-        'flora_mm_tool_estimate_memory', osp.join(root, 'tools/estimate_memory.py'))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     from mmengine.config import Config
 
     from flora_mm.apis.memory import build_meta_model, plan_config
+    from flora_mm.cli import estimate_memory as tool
     config = osp.join(root, 'configs/ade20k/internvit6b_full_fsdp.py')
     cfg = Config.fromfile(config)
     model = build_meta_model(cfg)

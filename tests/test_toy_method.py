@@ -117,7 +117,7 @@ def test_the_shared_tables_include_it():
     assert NAME in method_names() and NAME in rank_methods()
     assert method_names()[:6] == ['Frozen', 'Full', 'BitFit', 'LoRA', 'DoRA', 'FLoRA']
     from flora_mm.apis import budget as B
-    from flora_mm.apis import compare as C
+    from flora_mm.harness import compare as C
     assert NAME in B.RANK_METHODS and B.rank_methods()[-1] == NAME
     assert C.METHOD_ORDER[-1] == NAME and NAME not in C.METHOD_LABEL
 

@@ -1,82 +1,14 @@
 """Compare PEFT methods at matched parameter budgets (the paper's Table 1 / Table 2 / Fig. 2).
 
-    # every method on one base config, LoRA/DoRA/FLoRA at two budgets (ranks solved)
-    python tools/compare.py configs/coco/convnextv2_flora_r16.py \\
-        --methods Frozen Full BitFit LoRA DoRA FLoRA --budgets 12.9M 25.9M --out work_dirs/cmp
-    # or a list of configs as they are
-    python tools/compare.py configs/ade20k/internvit6b_{lora,flora}_0.66pct.py --out work_dirs/6b
-
-Each run trains with tools/train.py (tools/dist_train.sh with --gpus N > 1) and tests with
-tools/test.py in <out>/<task>/<run>/; finished runs are skipped, so re-running resumes. Writes
-<out>/compare.{md,csv,json,png} and prints the table.
+Runs ``flora_mm.cli.compare`` from a checkout; with flora_mm installed, the same is
+    python -m flora_mm.cli.compare ...
 """
-from __future__ import annotations
-
-import argparse
-import os.path as osp
 import sys
-from typing import Optional, Sequence
+from pathlib import Path
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's flora_mm
 
-import flora_mm  # noqa: E402,F401  (compat shims before any OpenMMLab import)
-from flora_mm.apis.compare import (DOTA_IOU_THRS, CompareError, RunOptions,  # noqa: E402
-                                   compare)
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('configs', nargs='+', help='configs to compare, or base configs with '
-                        '--methods')
-    parser.add_argument('--out', default='work_dirs/compare', help='output folder')
-    parser.add_argument('--methods', nargs='+', help='PEFT methods to run on every config '
-                        '(Frozen, Full, BitFit, LoRA, DoRA, FLoRA)')
-    parser.add_argument('--budgets', nargs='+', help='budgets for LoRA/DoRA/FLoRA: counts '
-                        '(12.9M, 500K) or shares of the backbone (0.66%%)')
-    parser.add_argument('--kernel-ranks', nargs='+', type=int,
-                        help='FLoRA kernel ranks the solver may pick (default 1 2)')
-    parser.add_argument('--gpus', type=int, default=1,
-                        help='processes per run; > 1 launches tools/dist_{train,test}.sh')
-    parser.add_argument('--max-epochs', type=int,
-                        help='train epoch-based configs for this many epochs')
-    parser.add_argument('--max-iters', type=int,
-                        help='train iteration-based configs for this many iterations')
-    parser.add_argument('--jobs', type=int, default=1,
-                        help='runs at once (CPU threads are shared between them)')
-    parser.add_argument('--no-train-val', action='store_true',
-                        help='no validation during training (the test run evaluates)')
-    parser.add_argument('--train-options', nargs='+', default=[], metavar='KEY=VALUE',
-                        help='--cfg-options passed to every training run')
-    parser.add_argument('--port', type=int, default=29500, help='torchrun port with --gpus > 1')
-    parser.add_argument('--dota-iou-thrs', nargs='+', type=float, default=DOTA_IOU_THRS,
-                        help='IoU thresholds DOTA runs are tested at (default: 0.5:0.95, the '
-                        "paper's mAP; e.g. 0.5 0.75 for AP50/AP75 only, much faster on CPU)")
-    parser.add_argument('--cwd', help='folder the runs start in: relative paths in the configs '
-                        '(data roots, checkpoints) resolve against it (default: this folder)')
-    args = parser.parse_args(argv)
-    if args.budgets and not args.methods:
-        parser.error('--budgets needs --methods (a list of configs brings its own ranks)')
-    return args
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    options = RunOptions(gpus=args.gpus, max_epochs=args.max_epochs, max_iters=args.max_iters,
-                         train_options=args.train_options, train_val=not args.no_train_val,
-                         jobs=args.jobs, port=args.port, cwd=args.cwd)
-    try:
-        out = compare(args.configs, args.out, methods=args.methods, budgets=args.budgets,
-                      kernel_ranks=args.kernel_ranks, options=options,
-                      dota_iou_thrs=args.dota_iou_thrs)
-    except CompareError as err:
-        print(f'compare: {err}', file=sys.stderr)
-        return 1
-    print()
-    print(out['markdown'])
-    for path in out['files'].values():
-        print(path)
-    return 0
-
+from flora_mm.cli.compare import main  # noqa: E402
 
 if __name__ == '__main__':
     sys.exit(main())

@@ -1,17 +1,15 @@
 """GPU smoke check (``make gpu-check``): train and test the tiny configs on CUDA with AMP/bf16,
-run the CUDA tests and, with two GPUs, one dist_train.sh run. See flora_mm/apis/gpu_check.py.
+run the CUDA tests and, with two GPUs, one dist_train.sh run. See flora_mm/harness/gpu_check.py.
 
-    python tools/gpu_check.py [--work-dir work_dirs/gpu_check]
+Runs ``flora_mm.cli.gpu_check`` from a checkout; with flora_mm installed, the same is
+    python -m flora_mm.cli.gpu_check ...
 """
-import argparse
-import os
 import sys
+from pathlib import Path
 
-sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's flora_mm
 
-from flora_mm.apis.gpu_check import run_gpu_check  # noqa: E402
+from flora_mm.cli.gpu_check import main  # noqa: E402
 
 if __name__ == '__main__':
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument('--work-dir', default='work_dirs/gpu_check')
-    sys.exit(run_gpu_check(parser.parse_args().work_dir))
+    sys.exit(main())

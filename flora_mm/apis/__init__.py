@@ -10,8 +10,10 @@
 - ``count``: ``count_params`` (tools/count_params.py);
 - ``memory``: the per-GPU memory planner (tools/estimate_memory.py);
 - ``demo``: ``make_tiny_data`` (tools/make_tiny_data.py) and ``run_demo`` (tools/demo.py);
-- ``cuda_ops``: whether the installed mmcv carries the detectors' CUDA kernels;
-- ``gpu_check``: ``run_gpu_check`` (tools/gpu_check.py, ``make gpu-check``).
+- ``cuda_ops``: whether the installed mmcv carries the detectors' CUDA kernels.
+
+The experiment harnesses that launch the tools (``compare``, ``benchmark``, ``gpu_check``) are
+in :mod:`flora_mm.harness`; the tools' argument parsing is in :mod:`flora_mm.cli`.
 """
 from .config import (add_runner_args, adapt_to_cpu_distributed, get_scope, load_config,
                      load_runner_config, parse_with_local_rank, replace_sync_bn)

@@ -25,6 +25,7 @@ import copy
 import logging
 import math
 import re
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -107,8 +108,8 @@ def parse_budget(budget: str | int | float | Budget) -> Budget:
     if isinstance(budget, Budget):
         return budget
     if isinstance(budget, (int, float)) and not isinstance(budget, bool):
-        if budget <= 0:
-            raise BudgetError(f'budget must be > 0, got {budget!r}')
+        if not 0 < budget <= sys.float_info.max:  # also nan, inf and ints past a float
+            raise BudgetError(f'budget must be a finite number > 0, got {budget!r}')
         return Budget(text=format_count(budget), value=float(budget), relative=False)
     if not isinstance(budget, str):
         raise BudgetError(f'budget must be a string like 12.9M or 0.66%, got {budget!r}')
@@ -119,6 +120,8 @@ def parse_budget(budget: str | int | float | Budget) -> Budget:
     number, suffix = float(match.group(1)), match.group(2).upper()
     if number <= 0:
         raise BudgetError(f'budget must be > 0, got {budget!r}')
+    if not math.isfinite(number * _SUFFIX[suffix.rstrip('%')]):  # '1e400' reads as inf
+        raise BudgetError(f'budget must be a finite number, got {budget!r}')
     if suffix == '%':
         if number > 100:
             raise BudgetError(f'a relative budget is at most 100% of the backbone, got {budget!r}')

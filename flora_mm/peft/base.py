@@ -411,7 +411,7 @@ class PEFTMethod:
     #: shows such a method as a level, without a parameter count
     trains_module: ClassVar[bool] = True
 
-    # -- how the harness (apis.budget, apis.compare) treats the method ------------------------
+    # -- how the harness (apis.budget, harness.compare) treats the method ---------------------
     #: the rank field a parameter budget solves for (None: the method's size has no rank)
     budget_rank: ClassVar[str | None] = None
     #: other rank fields the budget solver tries, each with its default candidates (the

@@ -3,9 +3,9 @@
 Why: the question users bring is "on my task and backbone, how do FLoRA, LoRA, DoRA, BitFit,
 Full and Frozen compare at the same parameter budget?". This module plans the runs (a list of
 configs, or one base config x methods x budgets with ranks solved by
-:mod:`flora_mm.apis.budget`), trains and tests each one with the repository's own
-``tools/train.py`` / ``tools/test.py`` (``tools/dist_*.sh`` for several processes) in its own work
-dir, and collects per run:
+:mod:`flora_mm.apis.budget`), trains and tests each one with the package's own tools
+(``python -m flora_mm.cli.train`` / ``flora_mm.cli.test``, torchrun for several processes:
+:mod:`flora_mm.harness.launch`) in its own work dir, and collects per run:
 
 * parameter counts on the meta device (the method's own tensors, the model's trainable total);
 * the task metrics from the test run's own results file (the json mmengine's LoggerHook dumps
@@ -40,11 +40,9 @@ from typing import Callable, Optional, Sequence
 from mmengine.config import Config
 
 from ..registry import PEFT_METHODS
-from . import budget as B
-from .count import count_params
-
-ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-TOOLS = osp.join(ROOT, 'tools')
+from ..apis import budget as B
+from ..apis.count import count_params
+from .launch import child_env, tool_command
 
 # How a method is labelled, ordered, counted and drawn, each method class declares itself
 # (PEFTMethod.label, table_order, budget_rank, budget_rank_choices, trains_module,
@@ -132,6 +130,7 @@ class RunSpec:
 
     def config_text(self) -> str:
         """The run's own config: the source config, its PEFT method and the overrides."""
+        # the module's old name stays: this text is part of every run's fingerprint
         lines = ['# Written by flora_mm.apis.compare: one run of a method comparison.',
                  f'_base_ = {self.config!r}',
                  f'model = dict(backbone=dict(peft=dict(_delete_=True, **{self.peft!r})))']
@@ -274,7 +273,7 @@ def plan_runs(configs: Sequence[str], methods: Optional[Sequence[str]] = None,
 class RunOptions:
     """How runs are launched.
 
-    ``gpus`` > 1 runs tools/dist_{train,test}.sh (torchrun) with that many processes;
+    ``gpus`` > 1 runs torchrun (as tools/dist_{train,test}.sh) with that many processes;
     ``max_epochs`` / ``max_iters`` shorten training for configs whose loop counts epochs /
     iterations (the other kind ignores it; checkpointing and the last validation follow the
     loop's end); ``train_options`` are more ``--cfg-options`` for training; ``train_val=False``
@@ -342,14 +341,10 @@ def _tail(path: str, n: int = 40) -> str:
         return ''.join(f.readlines()[-n:])
 
 
-def _command(tool: str, args: list[str], opts: RunOptions) -> list[str]:
-    """tools/train.py / test.py, or with several processes tools/dist_train.sh CONFIG GPUS ...
-    / dist_test.sh CONFIG CHECKPOINT GPUS ... (torchrun)."""
-    if opts.gpus <= 1:
-        return [opts.python, osp.join(TOOLS, f'{tool}.py'), *args]
-    positional = 2 if tool == 'test' else 1
-    return ['bash', osp.join(TOOLS, f'dist_{tool}.sh'), *args[:positional], str(opts.gpus),
-            *args[positional:]]
+def _command(tool: str, args: list[str], opts: RunOptions, env: dict) -> list[str]:
+    """python -m flora_mm.cli.train / test, or with several processes the torchrun command of
+    tools/dist_train.sh / dist_test.sh (its NNODES, PORT, ... from ``env``)."""
+    return tool_command(tool, args, python=opts.python, gpus=opts.gpus, env=env)
 
 
 def _scalars(work_dir: str) -> list[dict]:
@@ -417,7 +412,7 @@ def execute(spec: RunSpec, out_dir: str, opts: RunOptions,
     env = dict(os.environ, **opts.env)
     if opts.jobs > 1 and 'OMP_NUM_THREADS' not in opts.env:  # share the cores between runs
         env['OMP_NUM_THREADS'] = str(max(1, (os.cpu_count() or 1) // opts.jobs))
-    env['PYTHONPATH'] = os.pathsep.join(p for p in (ROOT, env.get('PYTHONPATH', '')) if p)
+    env = child_env(env, cwd)  # the runs import this flora_mm
     if opts.gpus > 1:
         env.setdefault('PYTHON', opts.python)
         env.setdefault('PORT', str(opts.port))
@@ -435,8 +430,8 @@ def execute(spec: RunSpec, out_dir: str, opts: RunOptions,
         if options:
             args += ['--cfg-options', *options]
         log(f'[compare] {spec.task}/{spec.name}: training')
-        code, seconds, rss = _launch(_command('train', args, opts), osp.join(run_dir, 'train.log'),
-                                     cwd, env)
+        code, seconds, rss = _launch(_command('train', args, opts, env),
+                                     osp.join(run_dir, 'train.log'), cwd, env)
         if code != 0:
             raise CompareError(f'training {spec.task}/{spec.name} failed (exit {code}); log '
                                f'{osp.join(run_dir, "train.log")}:\n'
@@ -447,7 +442,7 @@ def execute(spec: RunSpec, out_dir: str, opts: RunOptions,
         checkpoint = f.read().strip()
     log(f'[compare] {spec.task}/{spec.name}: testing {osp.basename(checkpoint)}')
     code, test_seconds, _ = _launch(
-        _command('test', [config, checkpoint, '--work-dir', test_dir], opts),
+        _command('test', [config, checkpoint, '--work-dir', test_dir], opts, env),
         osp.join(run_dir, 'test.log'), cwd, env)
     if code != 0:
         raise CompareError(f'testing {spec.task}/{spec.name} failed (exit {code}); log '

@@ -4,8 +4,11 @@ Runs what a user would run, each step in its own subprocess so that one failure 
 the next: the mmcv CUDA kernel check, the three tasks' tiny configs trained and tested on CUDA with
 AMP (and the InternViT one with a bf16 backbone under bf16 autocast), the CUDA-marked tests
 (adapter equivalence in fp32 and bf16, mmcv's ops on CUDA against their CPU kernels) and, with two
-or more GPUs, one ``tools/dist_train.sh`` run. Prints a one-screen summary; the exit status is
-non-zero when any step failed or when there is no CUDA device at all.
+or more GPUs, one 2-process torchrun training (what ``tools/dist_train.sh`` runs). The tools run
+as ``python -m flora_mm.cli.<tool>`` (:mod:`flora_mm.harness.launch`) in the source tree that
+holds the configs and tests (the checkout flora_mm comes from, else the working folder). Prints a
+one-screen summary; the exit status is non-zero when any step failed or when there is no CUDA
+device at all.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from .launch import child_env, find_checkout, tool_command
 
 # (name, tiny config, extra --cfg-options, metric keys); AMP comes from train.py's --amp
 TRAIN_STEPS: list[tuple[str, str, list[str], tuple[str, ...]]] = [
@@ -42,12 +45,15 @@ class StepResult:
     skipped: bool = False
 
 
-def _run(cmd: list[str], log_path: str, env: dict | None = None) -> tuple[bool, str]:
-    """Run ``cmd`` in the checkout, output to ``log_path``; (ok, last lines on failure)."""
+def _run(cmd: list[str], log_path: str, env: dict | None = None,
+         root: str | None = None) -> tuple[bool, str]:
+    """Run ``cmd`` in the checkout ``root``, output to ``log_path``; (ok, last lines on
+    failure)."""
+    root = root or find_checkout('configs', 'tests') or os.getcwd()
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     with open(log_path, 'w') as log:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, **(env or {})})
+        proc = subprocess.run(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT,
+                              env=child_env({**os.environ, **(env or {})}, root))
     if proc.returncode == 0:
         return True, ''
     with open(log_path) as log:
@@ -75,16 +81,15 @@ def _timed(name: str, fn) -> StepResult:
 
 def _train_and_test(config: str, options: list[str], metrics: tuple[str, ...],
                     work_dir: str) -> tuple[bool, str]:
-    py = sys.executable
     train_dir, test_dir = os.path.join(work_dir, 'train'), os.path.join(work_dir, 'test')
     opts = ['--cfg-options', *options] if options else []
-    ok, detail = _run([py, 'tools/train.py', config, '--amp', '--work-dir', train_dir, *opts],
+    ok, detail = _run(tool_command('train', [config, '--amp', '--work-dir', train_dir, *opts]),
                       os.path.join(work_dir, 'train.log'))
     if not ok:
         return False, 'train ' + detail
     with open(os.path.join(train_dir, 'last_checkpoint')) as f:
         ckpt = f.read().strip()
-    ok, detail = _run([py, 'tools/test.py', config, ckpt, '--work-dir', test_dir, *opts],
+    ok, detail = _run(tool_command('test', [config, ckpt, '--work-dir', test_dir, *opts]),
                       os.path.join(work_dir, 'test.log'))
     if not ok:
         return False, 'test ' + detail
@@ -104,18 +109,22 @@ def run_gpu_check(work_dir: str = 'work_dirs/gpu_check') -> int:
         print('gpu-check: no CUDA device visible to torch '
               f'(torch {torch.__version__}, built for CUDA {torch.version.cuda}); nothing checked')
         return 2
+    root = find_checkout('configs', 'tests')
+    if root is None:
+        print('gpu-check: needs the source tree (its configs/ and tests/): run it in a checkout')
+        return 2
     n_gpus = torch.cuda.device_count()
     devices = ', '.join(torch.cuda.get_device_name(i) for i in range(n_gpus))
     results: list[StepResult] = []
 
     def kernels() -> tuple[bool, str]:
-        from .cuda_ops import check_mmcv_cuda_kernels
+        from ..apis.cuda_ops import check_mmcv_cuda_kernels
         return True, check_mmcv_cuda_kernels()
 
     results.append(_timed('mmcv CUDA kernels', kernels))
-    data_root = os.path.join(ROOT, 'data', 'tiny')
+    data_root = os.path.join(root, 'data', 'tiny')
     results.append(_timed('tiny data', lambda: _run(
-        [sys.executable, 'tools/make_tiny_data.py', '--out', data_root],
+        tool_command('make_tiny_data', ['--out', data_root]),
         os.path.join(work_dir, 'data.log'))))
     for i, (name, config, options, metrics) in enumerate(TRAIN_STEPS):
         task_dir = os.path.join(work_dir, f'task{i}')
@@ -125,12 +134,13 @@ def run_gpu_check(work_dir: str = 'work_dirs/gpu_check') -> int:
         [sys.executable, '-m', 'pytest', '-m', 'cuda', '-q', 'tests'],
         os.path.join(work_dir, 'pytest_cuda.log'))))
     if n_gpus >= 2:
-        results.append(_timed('dist_train.sh, 2 GPUs (coco tiny)', lambda: _run(
-            ['bash', 'tools/dist_train.sh', TRAIN_STEPS[0][1], '2', '--amp',
-             '--work-dir', os.path.join(work_dir, 'dist')],
-            os.path.join(work_dir, 'dist.log'), env=dict(PORT=os.environ.get('PORT', '29531')))))
+        dist_env = dict(os.environ, PORT=os.environ.get('PORT', '29531'))
+        results.append(_timed('torchrun train, 2 GPUs (coco tiny)', lambda: _run(
+            tool_command('train', [TRAIN_STEPS[0][1], '--amp', '--work-dir',
+                                   os.path.join(work_dir, 'dist')], gpus=2, env=dist_env),
+            os.path.join(work_dir, 'dist.log'), env=dist_env)))
     else:
-        results.append(StepResult('dist_train.sh, 2 GPUs', True, 0.0, 'skipped: only 1 GPU',
+        results.append(StepResult('torchrun train, 2 GPUs', True, 0.0, 'skipped: only 1 GPU',
                                   skipped=True))
 
     print(f'\n== flora_mm gpu-check on {n_gpus} x {devices} (torch {torch.__version__}, '
