@@ -177,3 +177,17 @@ def closed_form(layers: list, method: str, rank: int, second: int = 2) -> int:
 __all__ = ['MethodSpec', 'SPECS', 'add_spec', 'spec', 'method_cls', 'method_names',
            'adapter_methods', 'rank_methods', 'second_rank', 'method_config', 'method_table',
            'randomize_adapters', 'closed_form']
+
+
+def classification_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int,
+                          optimizer: torch.optim.Optimizer) -> list[float]:
+    """``steps`` optimizer steps of cross-entropy on (x, y); the loss before each step."""
+    model.train()
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses

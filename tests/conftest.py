@@ -55,3 +55,15 @@ def tiny_config(name: str, tiny_root: str) -> Config:
     cfg = Config.fromfile(os.path.join(ROOT, TINY_CONFIGS[name]))
     text = cfg.pretty_text.replace("'data/tiny", f"'{tiny_root}")
     return Config.fromstring(text, file_format='.py')
+
+
+def loss_backward(model, data: dict) -> dict:
+    """One training loss of an mmdet / mmseg / mmrotate model on ``data`` (a collated batch),
+    checked finite and backpropagated; returns its log variables."""
+    import torch
+    model.train()
+    batch = model.data_preprocessor(data, True)
+    loss, log_vars = model.parse_losses(model(**batch, mode='loss'))
+    assert torch.isfinite(loss), log_vars
+    loss.backward()
+    return log_vars

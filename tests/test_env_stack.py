@@ -15,6 +15,8 @@ import flora_mm  # noqa: F401  (compat shims must precede the mmrotate import)
 from flora_mm.apis import replace_sync_bn
 from flora_mm.utils import register_task_modules
 
+from .conftest import loss_backward
+
 torch = pytest.importorskip('torch')
 from mmengine.config import Config  # noqa: E402
 from mmengine.registry import DefaultScope  # noqa: E402
@@ -38,12 +40,7 @@ def _image(h: int, w: int, seed: int) -> torch.Tensor:
 
 def _loss_and_predict(model, data: dict, probe: torch.nn.Parameter) -> list:
     """One training loss + backward, then one predict; returns the predicted data samples."""
-    model.train()
-    batch = model.data_preprocessor(data, True)
-    losses = model(**batch, mode='loss')
-    loss, log_vars = model.parse_losses(losses)
-    assert torch.isfinite(loss), log_vars
-    loss.backward()
+    loss_backward(model, data)
     assert probe.grad is not None and torch.isfinite(probe.grad).all()
     assert probe.grad.abs().sum() > 0
     model.eval()

@@ -7,7 +7,7 @@ from torch import nn
 
 from flora_mm.peft import count_parameters, inject_adapters
 
-from ._methods import adapter_methods, method_table, spec
+from ._methods import adapter_methods, classification_losses, method_table, spec
 
 TARGETS = dict(types=['Conv2d', 'Linear'], exclude=[r'^head'])
 # every registered method (tests/_methods.py)
@@ -75,15 +75,8 @@ def test_few_steps_lower_the_loss(method, batch):
         p.requires_grad_(True)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
-    model.train()
-    losses = []
-    for _ in range(8):
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(images), labels)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = classification_losses(model, images, labels, 8,
+                                   torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0))
     assert losses[-1] < losses[0] * 0.9, losses
     for n, p in model.named_parameters():
         if n in frozen:

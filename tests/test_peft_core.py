@@ -355,29 +355,31 @@ def test_plain_keys_are_kept_and_remove_adapters_gives_a_vanilla_layer():
     torch.testing.assert_close(model(x), out, rtol=1e-4, atol=1e-5)
 
 
-def test_subclass_layers_keep_their_own_forward():
-    """timm's same-padding conv overrides forward: the adapter must call it, not F.conv2d."""
+def _timm_same_padding_conv():
     from timm.layers import create_conv2d
     conv = create_conv2d(4, 6, 3, stride=2, padding='same')
     assert type(conv).__name__ == 'Conv2dSame'
-    x = torch.randn(1, 4, 9, 9)
+    return conv, torch.randn(1, 4, 9, 9)
+
+
+def _mmcv_conv():
+    from mmcv.cnn.bricks.wrappers import Conv2d as MMCVConv2d
+    return MMCVConv2d(4, 6, 3, padding=1), torch.randn(2, 4, 8, 8)
+
+
+@pytest.mark.parametrize('make, method', [(_timm_same_padding_conv, 'FLoRA'),
+                                          (_mmcv_conv, 'LoRA')], ids=['timm-same', 'mmcv'])
+def test_subclass_layers_keep_their_own_forward(make, method):
+    """timm's same-padding conv and mmcv's wrapper override forward: the adapter must call it,
+    not F.conv2d."""
+    conv, x = make()
     model = wrap(conv)
-    inject_adapters(model, dict(type='FLoRA', rank=2))
+    inject_adapters(model, dict(type=method, rank=2))
     randomize_adapters(model)
     ref = plain_reference(conv, (model[0].weight + model[0].delta_weight()).detach())
     torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-5)
     assert model(x).shape == conv(x).shape
 
-
-def test_mmcv_conv_wrapper_is_adapted():
-    from mmcv.cnn.bricks.wrappers import Conv2d as MMCVConv2d
-    conv = MMCVConv2d(4, 6, 3, padding=1)
-    x = torch.randn(2, 4, 8, 8)
-    model = wrap(conv)
-    inject_adapters(model, dict(type='LoRA', rank=2))
-    randomize_adapters(model)
-    ref = plain_reference(conv, (model[0].weight + model[0].delta_weight()).detach())
-    torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize('method', ADAPTER_METHODS)

@@ -11,7 +11,7 @@ from mmengine.registry import DATASETS, MODELS
 from flora_mm.peft import adapter_state_dict, injected_roots
 
 from ._methods import method_table
-from .conftest import register_scope, tiny_config
+from .conftest import loss_backward, register_scope, tiny_config
 
 TARGETS = dict(types=['Conv2d', 'Linear'])
 # every registered method (tests/_methods.py)
@@ -65,12 +65,7 @@ def test_one_loss_step_and_trainable_set(task, backbone, method, tiny_root):
         assert chosen == backbone_params
     # neck and heads: everything trains
     assert {n for n, _ in model.named_parameters()} - backbone_params <= trainable
-    model.train()
-    data = model.data_preprocessor(batch, True)
-    losses = model(**data, mode='loss')
-    loss, log_vars = model.parse_losses(losses)
-    assert torch.isfinite(loss), log_vars
-    loss.backward()
+    loss_backward(model, batch)
     for name, param in model.named_parameters():
         if name in backbone_params and name not in chosen:
             assert param.grad is None, name

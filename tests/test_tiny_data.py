@@ -161,20 +161,29 @@ def test_coco_train_pipeline(tiny_root):
     assert item['inputs'].shape[0] == 3 and len(item['data_samples'].gt_instances) >= 1
 
 
+def _val_set(scope: str, config: str, datasets, metrics, classes, **dataset_options):
+    """The package's own validation dataset (its config from the wheel, pointed at the tiny
+    data) and evaluator, with ``classes`` as metainfo if given."""
+    register_task_modules(scope)
+    cfg = _wheel_config(scope, config)
+    ds_cfg = cfg.val_dataloader.dataset
+    ds_cfg.update(dataset_options)
+    if classes is not None:
+        ds_cfg.metainfo = dict(classes=classes)
+    with DefaultScope.overwrite_default_scope(scope):
+        dataset = datasets.build(ds_cfg)
+        evaluator = Evaluator(metrics.build(cfg.val_evaluator))
+    evaluator.dataset_meta = dataset.metainfo
+    return dataset, evaluator
+
+
 # --------------------------------------------------------------------------- ADE20K
 @pytest.mark.parametrize('classes', [None, tiny.ADE_CLASSES], ids=['ade150', 'tiny-classes'])
 def test_ade20k_dataset_and_perfect_metric(tiny_root, classes):
     from mmseg.registry import DATASETS, METRICS
-    register_task_modules('mmseg')
-    cfg = _wheel_config('mmseg', 'upernet/upernet_r50_4xb4-80k_ade20k-512x512.py')
-    ds_cfg = cfg.val_dataloader.dataset
-    ds_cfg.update(data_root=str(tiny_root / 'ade' / 'ADEChallengeData2016'))
-    if classes is not None:
-        ds_cfg.metainfo = dict(classes=classes)
-    with DefaultScope.overwrite_default_scope('mmseg'):
-        dataset = DATASETS.build(ds_cfg)
-        evaluator = Evaluator(METRICS.build(cfg.val_evaluator))
-    evaluator.dataset_meta = dataset.metainfo
+    dataset, evaluator = _val_set('mmseg', 'upernet/upernet_r50_4xb4-80k_ade20k-512x512.py',
+                                  DATASETS, METRICS, classes,
+                                  data_root=str(tiny_root / 'ade' / 'ADEChallengeData2016'))
     assert dataset.reduce_zero_label and len(dataset) == NUM_VAL
     assert len(dataset.metainfo['classes']) == (150 if classes is None else 4)
 
@@ -198,17 +207,12 @@ def test_ade20k_dataset_and_perfect_metric(tiny_root, classes):
 def test_dota_dataset_and_perfect_metric(tiny_root, classes):
     from mmrotate.registry import DATASETS, METRICS
     from mmrotate.structures.bbox import RotatedBoxes
-    register_task_modules('mmrotate')
-    cfg = _wheel_config('mmrotate', 'oriented_rcnn/oriented-rcnn-le90_r50_fpn_1x_dota.py')
-    ds_cfg = cfg.val_dataloader.dataset
-    ds_cfg.update(data_root=str(tiny_root / 'split_ss_dota') + '/', ann_file='test/annfiles/',
-                  data_prefix=dict(img_path='test/images/'), img_shape=(128, 128))
-    if classes is not None:
-        ds_cfg.metainfo = dict(classes=classes)
-    with DefaultScope.overwrite_default_scope('mmrotate'):
-        dataset = DATASETS.build(ds_cfg)
-        evaluator = Evaluator(METRICS.build(cfg.val_evaluator))
-    evaluator.dataset_meta = dataset.metainfo
+    dataset, evaluator = _val_set('mmrotate',
+                                  'oriented_rcnn/oriented-rcnn-le90_r50_fpn_1x_dota.py',
+                                  DATASETS, METRICS, classes,
+                                  data_root=str(tiny_root / 'split_ss_dota') + '/',
+                                  ann_file='test/annfiles/',
+                                  data_prefix=dict(img_path='test/images/'), img_shape=(128, 128))
     assert len(dataset) == NUM_VAL
     names = dataset.metainfo['classes']
     for i in range(len(dataset)):

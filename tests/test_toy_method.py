@@ -30,7 +30,8 @@ from flora_mm.peft.base import check_positive_int
 from flora_mm.peft.norms import update_sq_norm
 from flora_mm.registry import PEFT_METHODS
 
-from ._methods import MethodSpec, add_spec, method_names, rank_methods
+from ._methods import (MethodSpec, add_spec, classification_losses, method_names,
+                       rank_methods)
 
 NAME = 'ToyHadamard'
 
@@ -147,14 +148,7 @@ def test_it_trains_and_merges():
     params = [p for p in model.parameters() if p.requires_grad]
     assert {n.rsplit('.', 1)[-1] for n, p in model.named_parameters() if p.requires_grad} == {
         'hada_w1_a', 'hada_w1_b', 'hada_w2_a', 'hada_w2_b'}
-    opt = torch.optim.Adam(params, lr=1e-2)
-    losses = []
-    for _ in range(10):
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = classification_losses(model, x, y, 10, torch.optim.Adam(params, lr=1e-2))
     assert losses[-1] < losses[0]
     model.eval()
     with torch.no_grad():

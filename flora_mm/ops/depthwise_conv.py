@@ -1,14 +1,11 @@
 """Depthwise 2-D convolution whose CPU weight gradient is computed as a correlation.
 
 oneDNN's CPU weight gradient of a depthwise conv is far slower than that conv's input gradient,
-which has the same number of multiply-adds: at ConvNeXt-V2-tiny's third stage (8x384x14x14,
-7x7 kernel) 4-9 ms against 0.5 ms, at its last (8x768x7x7) 13 ms against 0.3 ms, and 22 ms at
-ConvNeXt-V2-L's (2x1536x7x7) (docs/performance.md). The weight gradient is what it is: for
-each channel, the input map correlated with the output-gradient map, summed over the batch.
-With batch and channels in one dimension that is a single depthwise conv *forward* over
-batch x channels maps whose kernels are the gradient maps (out: kernel-sized), and oneDNN runs
-that forward fast: 2.1, 1.4 and 0.75 ms at the three shapes above, never slower than its own
-weight gradient on the measured shapes (equal at 8x96x56x56). The input gradient and the
+which has the same number of multiply-adds (docs/performance.md, "Figures behind the design
+choices"). The weight gradient is what it is: for each channel, the input map correlated with
+the output-gradient map, summed over the batch. With batch and channels in one dimension that
+is a single depthwise conv *forward* over batch x channels maps whose kernels are the gradient
+maps (out: kernel-sized), and oneDNN runs that forward fast. The input gradient and the
 forward stay oneDNN's. Written by hand because torch offers no other depthwise weight
 gradient on the CPU.
 """

@@ -2,20 +2,19 @@
 in as few passes over the full-size tensors as the maths allows, keeping nothing the adapter's
 own tensors already hold.
 
-Composed from autograd's own ops the layer costs two avoidable passes in backward (measured
-on the project's CPU machine, docs/performance.md):
+Composed from autograd's own ops the layer costs two avoidable passes in backward
+(docs/performance.md, "Figures behind the design choices"):
 
 * the input gradient is ``g W + (g up^T) down^T``; autograd computes the two terms as separate
   full-size tensors and adds them. Here the thin term is accumulated in place into ``g W``.
 * the factors' gradients are thin GEMMs over all rows. torch's ``mm`` backward picks the
   orientation from the factor's strides and for ``down`` (and a column-major ``up``) computes
-  ``x^T (g up^T)``, which reads the full-size operand transposed: 2x slower on MKL than the same
+  ``x^T (g up^T)``, which reads the full-size operand transposed: slower on MKL than the same
   product as ``((g up^T)^T x)^T``, whose transposed operand is the thin one.
 
 The core (FLoRA's G; None for LoRA) and the scale are passed apart from the factors, and
 nothing made of them is kept: a folded factor (``scale G U^T``, r x out) is a new tensor that
-backward would keep, per layer and step (7.2 MiB on ConvNeXt-V2-L at batch 2, a third of what
-FLoRA's adapters kept beyond the frozen backbone), where ``down``, ``core`` and ``up`` are
+backward would keep, per layer and step, where ``down``, ``core`` and ``up`` are
 views of the adapter's parameters. Inside, the core is folded into ``down`` (in x r, rebuilt
 in backward) and the scale applied as the GEMMs' alpha or to r-sized results, so the GEMMs
 over all rows are the same as without a core.

@@ -4,8 +4,8 @@ rebuilds that weight instead of keeping it.
 An adapter that materialises its update runs the base op with ``W0 + dW``. Composed from
 autograd's ops, the op keeps that weight alive from forward to backward for the input
 gradient: one full-size weight per adapted layer and step, which the frozen backbone does not
-pay (its op keeps W0, a parameter). On ConvNeXt-V2-L at batch 2 those are 9.6 MiB of the
-adapters' 21 MiB of extra activation memory (docs/performance.md). Here the op keeps its input
+pay (its op keeps W0, a parameter): most of the adapters' extra activation memory on
+ConvNeXt-V2-L (docs/performance.md). Here the op keeps its input
 only; backward rebuilds the weight (the small factor products again and one weight-sized
 addition, no grad) and passes the weight gradient to the graph that built the weight in
 forward, which keeps nothing weight-sized (``W0 + dW``'s addition keeps nothing).

@@ -223,9 +223,8 @@ class AdapterLayer(nn.Module):
         W0 + dW. The factored form adds thin GEMMs over every row of x (~6 memory-bound passes
         over the input and output in forward + backward, r-wide); the materialised one adds one
         weight-gradient GEMM (rows x in x out multiply-adds). The first is cheaper for wide
-        layers only: on the measured CPU (r = 16, ConvNeXt-V2-tiny's MLPs) the materialised
-        form won at in*out = 4.8 r (in + out) (stage 0) and the factored one at 9.6 (stage 1),
-        docs/performance.md."""
+        layers only; ``FACTORED_MIN_RATIO`` is the measured crossover (docs/performance.md,
+        "Figures behind the design choices")."""
         rank = self.factored_rank() if self.kind == 'Linear' else None
         if rank is None or self.linear_path == 'materialised':
             return False
@@ -320,9 +319,8 @@ class AdapterLayer(nn.Module):
         autocast, not under torch.compile (which picks what to keep itself), and a weight of
         at least ``RECOMPUTE_WEIGHT_MIN_FRACTION`` of the input's size. Below that, keeping
         it is little memory next to the layer's activations, and rebuilding costs a fixed
-        0.1-0.3 ms of small ops per layer (on ConvNeXt-V2-tiny at batch 8, 1-1.5% of a step
-        for ~1% of its memory; on L at batch 2 it is what brings FLoRA's peak within 1.05x
-        Floor's, docs/performance.md)."""
+        time of small ops per layer (docs/performance.md, "Figures behind the design
+        choices")."""
         if (not torch.is_grad_enabled() or not self._direct
                 or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type)
                 or not recomputed_weight_serves(self.base_layer, x)

@@ -139,7 +139,8 @@ def tucker_product(core: torch.Tensor, factors: Sequence[torch.Tensor]) -> torch
     The kernel and input modes are contracted into the small core first; the output mode comes
     last as ONE matrix product (I_1 x J_1) @ (J_1 x I_2*...*I_N), so the full-size tensor is
     written once, contiguously. (Contracting the channel modes first is fewer flops on paper but
-    makes every later mode product a full-size pass plus a copy: ~1.3x slower per step.)
+    makes every later mode product a full-size pass plus a copy: slower per step,
+    docs/performance.md.)
     """
     partial = core
     for mode in range(core.dim() - 1, 0, -1):
