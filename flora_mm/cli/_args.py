@@ -85,3 +85,10 @@ def budget(text: str) -> str:
 
 __all__ = ['INT_MAX', 'int_range', 'positive_int', 'nonnegative_int', 'port', 'finite_float',
            'budget']
+
+
+def add_cfg_options(parser: argparse.ArgumentParser) -> None:
+    """``--cfg-options k=v ...`` of the tools that read a config without running it."""
+    from mmengine.config import DictAction
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override settings of the config, key=value pairs (as train.py)')

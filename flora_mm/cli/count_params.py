@@ -15,18 +15,16 @@ import argparse
 import json
 from typing import Optional, Sequence
 
-from mmengine.config import DictAction
 
 from flora_mm.apis.budget import format_solutions, rank_methods, solve_all
 from flora_mm.apis.count import count_params, format_counts, logs_to_stderr
-from flora_mm.cli._args import budget, positive_int
+from flora_mm.cli._args import add_cfg_options, budget, positive_int
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('config', help='config file path')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override settings of the config, key=value pairs (as train.py)')
+    add_cfg_options(parser)
     parser.add_argument('--json', action='store_true', help='print JSON instead of a table')
     parser.add_argument('--budget', type=budget, help='a parameter count (12.9M, 500K) or a share '
                         'of the pretrained backbone (0.66%%): print the closest rank per method')

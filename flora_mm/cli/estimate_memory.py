@@ -16,13 +16,12 @@ import argparse
 import json
 from typing import Optional, Sequence
 
-from mmengine.config import DictAction
 
 from flora_mm.apis.config import load_config
 from flora_mm.apis.count import logs_to_stderr
 from flora_mm.apis.memory import (STRATEGIES, format_plan, format_table,
                                   plan_config, plan_table)
-from flora_mm.cli._args import finite_float, positive_int
+from flora_mm.cli._args import add_cfg_options, finite_float, positive_int
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -35,8 +34,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="ddp or fsdp (default: the config's own)")
     parser.add_argument('--device-gib', type=finite_float(gt=0), default=80.0,
                         help='memory of one GPU, for the fits / does not fit verdict')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override settings of the config, key=value pairs (as train.py)')
+    add_cfg_options(parser)
     parser.add_argument('--json', action='store_true', help='print JSON instead of text')
     parser.add_argument('--table', action='store_true',
                         help='markdown table over DDP/FSDP and every --gpus value')

@@ -33,9 +33,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from mmengine.config import DictAction
-
 from flora_mm.apis.merge import MergeError, format_summary, merge
+from flora_mm.cli._args import add_cfg_options
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -54,8 +53,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--force', action='store_true', help='overwrite OUT and its config')
     parser.add_argument('--no-verify', action='store_true',
                         help='skip comparing the written backbone with the adapted one')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override settings of the config, key=value pairs (as train.py)')
+    add_cfg_options(parser)
     return parser.parse_args(argv)
 
 
