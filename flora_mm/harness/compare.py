@@ -131,7 +131,7 @@ class RunSpec:
     def config_text(self) -> str:
         """The run's own config: the source config, its PEFT method and the overrides."""
         # the module's old name stays: this text is part of every run's fingerprint
-        lines = ['# Written by flora_mm.harness.compare: one run of a method comparison.',
+        lines = ['# Written by flora_mm.apis.compare: one run of a method comparison.',
                  f'_base_ = {self.config!r}',
                  f'model = dict(backbone=dict(peft=dict(_delete_=True, **{self.peft!r})))']
         lines += [f'{k} = {v!r}' for k, v in self.overrides.items()]
