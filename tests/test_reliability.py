@@ -480,6 +480,38 @@ def test_stale_temporaries_are_removed_and_a_failed_save_leaves_no_adapter(pretr
     assert open(tmp_path / 'y_adapter.safetensors').read() == 'adapter'
 
 
+class TinyBNNet(torch.nn.Module):
+    """A backbone with batch norm (ResNet-like): its running statistics move in train mode."""
+
+    out_channels = [8]
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return (torch.relu(self.bn(self.conv(x))),)
+
+
+def test_batch_norm_statistics_in_train_mode_do_not_fail_a_finished_run(tmp_path):
+    """A frozen backbone whose batch norms run in train mode (a timm ResNet under UperNet):
+    the running statistics move (buffers, not weights); the run says so once and finishes
+    (it used to train to the end and exit with 'frozen base tensors changed')."""
+    from mmengine.registry import MODELS
+    MODELS.register_module(module=TinyBNNet, force=True)
+    cfg = tiny.make_cfg(str(tmp_path / 'bn'), 'unused.pth', max_iters=2, val=False)
+    cfg.model.backbone.backbone = dict(type='TinyBNNet')
+    runner = Runner.from_cfg(cfg)
+    before = runner.model.backbone.bn.running_mean.clone()
+    runner.train()
+    assert not torch.equal(before, runner.model.backbone.bn.running_mean)
+    logs = glob.glob(str(tmp_path / 'bn' / '*' / '*.log'))
+    text = open(logs[0]).read()
+    assert '1 batch-norm layers of the frozen backbone run in train mode' in text
+    assert "['backbone.bn']" in text
+
+
 def test_override_pattern_that_matches_nothing_is_an_error():
     from torch import nn
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
