@@ -40,6 +40,7 @@ from typing import Callable, Optional, Sequence
 from mmengine.config import Config
 
 from ..registry import PEFT_METHODS
+from ..utils import atomic_paths
 from ..apis import budget as B
 from ..apis.count import count_params
 from .launch import child_env, tool_command
@@ -312,10 +313,9 @@ def _fingerprint(spec: RunSpec, opts: RunOptions) -> str:
 
 def _write_json(path: str, data) -> None:
     """Atomic: a reader never sees half a file (an interrupted run leaves none)."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w') as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    with atomic_paths(path) as (tmp,):
+        with open(tmp, 'w') as f:
+            json.dump(data, f, indent=2)
 
 
 def _read_json(path: str):
@@ -736,13 +736,13 @@ def write_outputs(results: Sequence[dict], out_dir: str) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     table = build_table(results)
     files = {ext: osp.join(out_dir, f'compare.{ext}') for ext in ('md', 'csv', 'json', 'png')}
-    figure = plot(table, files['png'] + '.tmp.png')
-    os.replace(files['png'] + '.tmp.png', files['png'])
+    with atomic_paths(files['png']) as (tmp,):
+        figure = plot(table, tmp)
     markdown = format_markdown(table, files)
     for ext, text in (('md', markdown), ('csv', format_csv(table))):
-        with open(files[ext] + '.tmp', 'w') as f:
-            f.write(text)
-        os.replace(files[ext] + '.tmp', files[ext])
+        with atomic_paths(files[ext]) as (tmp,):
+            with open(tmp, 'w') as f:
+                f.write(text)
     rows = [dict(r, metrics={f'{t}/{h}': v for (t, h), v in r['metrics'].items()})
             for r in table['rows']]
     _write_json(files['json'], dict(tasks=table['tasks'], columns=table['columns'], rows=rows,
