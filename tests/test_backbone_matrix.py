@@ -243,7 +243,7 @@ def test_backbone_matrix(case, method, tmp_path):
     # layer-wise / stage-wise decay: the references' ids
     check_layer_decay(case, model)
 
-    x = torch.randn(2, 3, IMG, IMG)
+    x = torch.randn(1, 3, IMG, IMG)
     backbone.eval()
     # two SGD steps lower a toy loss (eval mode: no drop path, fixed norm statistics)
     if any(p.requires_grad for p in backbone.parameters()):
@@ -298,7 +298,7 @@ def test_descriptions_by_mro_and_path():
     """ResNetV1d / ResNeXt find ResNet's description through the MRO (their modules register
     nothing of their own); the plain stem stays in the backbone's unit, the deep one is a unit;
     both TIMMBackbone classes share one description."""
-    from mmdet.models.backbones import ResNet, ResNetV1d, ResNeXt
+    from mmdet.models.backbones import ResNet, ResNetV1d, ResNeXt, SwinTransformer
     from mmpretrain.models.backbones import TIMMBackbone
     from flora_mm.models.descriptions.openmmlab import (ResNetDescription,
                                                         TIMMBackboneDescription)
@@ -311,6 +311,12 @@ def test_descriptions_by_mro_and_path():
     assert 'stem' in describe(v1d).units()
     assert describe(ResNet(depth=18)).units()[0] == 'layer1.0'
     assert describe(resnext).layer_id('layer3.5.conv2.weight', 16, 'layer_wise') == (13, True)
+    swin = describe(SwinTransformer(embed_dims=16, depths=(1, 2), num_heads=(1, 1),
+                                    use_abs_pos_embed=True, pretrain_img_size=IMG,
+                                    out_indices=(1,)))
+    assert swin.layer_id('absolute_pos_embed', 3, 'layer_wise') == (0, True)
+    assert swin.layer_id('stages.0.downsample.reduction.weight', 3, 'layer_wise') == (1, True)
+    assert swin.modules_to_save() == [r'^norm1$']
     desc = describe(timm_plain)
     assert type(desc) is TIMMBackboneDescription
     assert desc.layer_id('timm_model.fc.weight', 8, 'layer_wise') == (9, False)
