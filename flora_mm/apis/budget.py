@@ -29,7 +29,6 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
 
-import torch
 from mmengine.config import Config
 from mmengine.logging import MMLogger
 from mmengine.registry import init_default_scope
@@ -38,6 +37,7 @@ from torch import nn
 from ..checkpoint import to_plain
 from ..peft import (PEFTConfigError, PEFTMethod, build_peft_method, count_parameters,
                     injected_roots, remove_adapters)
+from ..models.meta import meta_device
 from ..models.peft_backbone import with_saved_modules
 from ..registry import MODELS, PEFT_METHODS
 from .config import get_scope, load_config
@@ -177,7 +177,7 @@ def build_backbone_meta(cfg: Config, peft: Optional[dict] = None) -> nn.Module:
     backbone['load_pretrained'] = False
     if peft is not None:
         backbone['peft'] = to_plain(peft)
-    with _quiet(), torch.device('meta'):
+    with _quiet(), meta_device():
         return MODELS.build(backbone)
 
 
@@ -320,7 +320,7 @@ class _MetaBackbone:
     def __init__(self, cfg: Config) -> None:
         backbone = to_plain(cfg.model.backbone)
         self.saved = backbone.get('modules_to_save')
-        with _quiet(), torch.device('meta'):
+        with _quiet(), meta_device():
             self.module = MODELS.build(backbone['backbone'])
 
     def counts(self, peft: dict) -> dict:

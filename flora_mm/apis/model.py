@@ -11,11 +11,11 @@ import contextlib
 import copy
 from typing import Optional
 
-import torch
 from mmengine.config import Config
 from mmengine.registry import MODELS, init_default_scope
 from torch import nn
 
+from ..models.meta import meta_device
 from ..peft import inject_into_parts, normalize_parts
 from .config import get_scope
 
@@ -46,7 +46,8 @@ def build_model(cfg: Config, load_pretrained: bool = True, meta: bool = False) -
     ``load_pretrained``: PEFTBackbone loads the backbone's pretrained ``init_cfg`` before
     injecting (needed when the trained file holds the adapters only); models adapted by a
     FLoRAHook get ``init_weights()`` after injection, as the Runner does. ``meta``: build every
-    tensor on the meta device (no memory, no checkpoint read): for counting only.
+    parameter on the meta device (no memory, no checkpoint read; ``flora_mm.models.meta_device``):
+    for counting only.
     """
     if meta and load_pretrained:
         raise ValueError('a model built on the meta device cannot load pretrained weights')
@@ -54,7 +55,7 @@ def build_model(cfg: Config, load_pretrained: bool = True, meta: bool = False) -
     if peft_backbone_cfg(cfg) is not None:
         model_cfg.backbone['load_pretrained'] = load_pretrained
     init_default_scope(get_scope(cfg))
-    with torch.device('meta') if meta else contextlib.nullcontext():
+    with meta_device() if meta else contextlib.nullcontext():
         model = MODELS.build(model_cfg)
     hooks = hook_peft_cfgs(cfg)
     for peft, parts in hooks:
