@@ -140,10 +140,12 @@ def lycoris_factorization(dim: int, factor: int) -> tuple[int, int]:
 
 
 def _locon_count(d_out: int, d_in: int, k: Optional[int], rank: int, _: int) -> int:
-    """LoCon with tucker (the default): r (d_in + d_out) + r^2 k^2 on a k x k conv, k > 1;
-    LoRA's r (d_in k^2 + d_out) on linears and 1x1 convs."""
+    """LoCon with tucker (the default) on a k x k conv, k > 1: r_o d_out + r_i d_in + r_o r_i k^2
+    with the core's ranks r_o = min(r, d_out), r_i = min(r, d_in); LoRA's r (d_in k^2 + d_out)
+    on linears and 1x1 convs."""
     if k is not None and k > 1:
-        return rank * (d_in + d_out) + rank * rank * k * k
+        r_out, r_in = min(rank, d_out), min(rank, d_in)
+        return r_out * d_out + r_in * d_in + r_out * r_in * k * k
     return rank * (d_in * (k * k if k else 1) + d_out)
 
 

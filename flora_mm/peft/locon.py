@@ -11,8 +11,11 @@ Weight W0 of shape (out, in/groups, k_1, ..., k_d) (a conv) or (out, in) (a line
   with down (r x in/groups), mid (r x r x k_1 x ... x k_d), up (out x r): Tucker-2 on the two
   channel modes with the spatial modes kept whole, i.e. for groups=1 the chain of a 1x1 conv
   (in -> r), a full k x k conv (r -> r, the layer's stride/padding/dilation) and a 1x1 conv
-  (r -> out). Linears and 1x1 convs have no spatial mode to keep: there ``tucker`` changes
-  nothing (as in LyCORIS) and the update is the plain low-rank one above.
+  (r -> out). Unlike LyCORIS, each of the core's two ranks is clamped to its mode's size
+  (min(r, out), min(r, in/groups)): the same updates, without the r x r x k... core that a
+  depthwise conv (input mode 1) would otherwise carry for an update of rank 1 in that mode.
+  Linears and 1x1 convs have no spatial mode to keep: there ``tucker`` changes nothing (as in
+  LyCORIS) and the update is the plain low-rank one above.
 
 Grouped and depthwise convs: the update has the weight's own shape, so its input mode is
 in_channels / groups (1 for a depthwise conv): down is r x (in/groups)[*k...], and the update is
@@ -58,12 +61,18 @@ class LoConLayer(AdapterLayer):
             return nn.Parameter(torch.empty(*size, device=dev, dtype=torch.float32))
 
         if self.tucker:
-            self.lora_down = param(self.rank, shape[1])
-            self.lora_mid = param(self.rank, self.rank, *shape[2:])
+            # the core's channel ranks clamped to their modes (a depthwise conv's input mode is
+            # 1: an r x r core there would hold r^2 k... numbers for an r x k... update)
+            r_out, r_in = min(self.rank, shape[0]), min(self.rank, shape[1])
+            self.clamped = [(m, self.rank, size) for m, size in enumerate(shape[:2])
+                            if self.rank > size]
+            self.lora_down = param(r_in, shape[1])
+            self.lora_mid = param(r_out, r_in, *shape[2:])
         else:
+            r_out = self.rank
             self.lora_down = param(self.rank, math.prod(shape[1:]))
             self.register_parameter('lora_mid', None)
-        self.lora_up = param(shape[0], self.rank)
+        self.lora_up = param(shape[0], r_out)
         self.reset_adapter()
 
     @torch.no_grad()
@@ -77,10 +86,9 @@ class LoConLayer(AdapterLayer):
     def delta_weight(self) -> torch.Tensor:
         if self.lora_mid is None:
             return (self.scaling * (self.lora_up @ self.lora_down)).view(self.weight.shape)
-        r = self.rank
         # (mid contracted with down over b) then up over a: one out-sized matrix product last
         inner = (self.lora_mid.movedim(1, -1) @ self.lora_down)       # (a, k..., i)
-        inner = inner.movedim(-1, 1).reshape(r, -1)                   # (a, i*k...)
+        inner = inner.movedim(-1, 1).reshape(self.lora_mid.shape[0], -1)  # (a, i*k...)
         return (self.scaling * self.lora_up @ inner).view(self.weight.shape)
 
     # -- factored forms ---------------------------------------------------------------------
@@ -93,7 +101,9 @@ class LoConLayer(AdapterLayer):
                              self.lora_up.transpose(0, 1), self.scaling)
 
     def factored_conv_rank(self) -> int | None:
-        return self.rank if self.kind != 'Linear' else None
+        if self.kind == 'Linear':
+            return None
+        return self.rank if self.lora_mid is None else max(self.lora_mid.shape[:2])
 
     def conv_factors(self) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] | None:
         """Tucker: down as a 1x1 conv (in -> r), mid as the r -> r kernel, s*up as a 1x1 conv;
@@ -113,7 +123,7 @@ class LoConLayer(AdapterLayer):
             return lora_sq_norm(self.lora_down, self.lora_up, self.scaling)
         up, down, mid = self.lora_up.float(), self.lora_down.float(), self.lora_mid.float()
         gram_up, gram_down = up.transpose(0, 1) @ up, down @ down.transpose(0, 1)
-        mid = mid.reshape(self.rank, self.rank, -1)
+        mid = mid.reshape(*mid.shape[:2], -1)
         return self.scaling ** 2 * torch.einsum('abk,ac,bd,cdk->', mid, gram_up, gram_down, mid)
 
 
