@@ -8,6 +8,7 @@ test_toy_method.py) adds its spec with ``add_spec`` and is picked up by the same
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -72,6 +73,90 @@ def _lora_count(d_out: int, d_in: int, k: Optional[int], rank: int, _: int) -> i
     return rank * (d_in * (k * k if k else 1) + d_out)
 
 
+# ----------------------------------------------------------------------------- LoCon, LoHa, LoKr
+# written from LyCORIS's lycoris/functional/{locon,loha,lokr}.py and peft's tuners/{loha,lokr}
+# formulas (einsum / kron as those libraries state them), over the layer's own tensors
+def _locon_weight(layer) -> torch.Tensor:
+    """LyCORIS LoCon: up @ down reshaped; with a Tucker core, rebuild_tucker's
+    einsum('i j ..., i p, j r -> p r ...', mid, up^T, down)."""
+    w0 = layer.weight.detach().float()
+    up, down = layer.lora_up.detach(), layer.lora_down.detach()
+    if layer.lora_mid is None:
+        delta = (up @ down).reshape(w0.shape)
+    else:
+        delta = torch.einsum('ij...,ip,jr->pr...', layer.lora_mid.detach(), up.t(), down)
+    return w0 + layer.scaling * delta
+
+
+def _loha_weight(layer) -> torch.Tensor:
+    """FedPara / peft LoHa: (w1a w1b) * (w2a w2b); effective conv: make_weight_cp's
+    einsum('i j k l, j r, i p -> p r k l', t, wb, wa) per factor, multiplied."""
+    w0 = layer.weight.detach().float()
+    t1, t2 = layer.hada_t1, layer.hada_t2
+    w1a, w1b = layer.hada_w1_a.detach(), layer.hada_w1_b.detach()
+    w2a, w2b = layer.hada_w2_a.detach(), layer.hada_w2_b.detach()
+    if t1 is not None:
+        delta = (torch.einsum('ij...,jr,ip->pr...', t1.detach(), w1b, w1a)
+                 * torch.einsum('ij...,jr,ip->pr...', t2.detach(), w2b, w2a))
+    else:
+        delta = ((w1a @ w1b) * (w2a @ w2b)).reshape(w0.shape)
+    return w0 + layer.scaling * delta
+
+
+def _lokr_weight(layer) -> torch.Tensor:
+    """peft / LyCORIS LoKr: make_kron(w1, w2) = torch.kron(w1 (unsqueezed over the kernel
+    modes), w2), w1 = lokr_w1 or w1_a w1_b, w2 = lokr_w2, w2_a w2_b or (Tucker) make_weight_cp's
+    einsum('i j ..., i p, j r -> p r ...', t2, w2_a, w2_b)."""
+    w0 = layer.weight.detach().float()
+
+    def get(name):
+        p = getattr(layer, name)
+        return None if p is None else p.detach()
+
+    w1 = get('lokr_w1') if get('lokr_w1') is not None else get('lokr_w1_a') @ get('lokr_w1_b')
+    if get('lokr_w2') is not None:
+        w2 = get('lokr_w2')
+    elif get('lokr_t2') is not None:
+        w2 = torch.einsum('ij...,ip,jr->pr...', get('lokr_t2'), get('lokr_w2_a'),
+                          get('lokr_w2_b'))
+    else:
+        w2 = (get('lokr_w2_a') @ get('lokr_w2_b')).reshape(get('lokr_w2_a').shape[0], -1,
+                                                           *w0.shape[2:])
+    w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - 2)))
+    delta = torch.kron(w1, w2)
+    assert delta.shape == w0.shape
+    return w0 + layer.scaling * delta
+
+
+def lycoris_factorization(dim: int, factor: int) -> tuple[int, int]:
+    """LyCORIS's factorization(dim, factor), restated: a dividing factor > 0 gives
+    (factor, dim / factor) ordered; otherwise m is the largest divisor of dim at most
+    min(factor, sqrt(dim)) (factor < 0: no bound), n = dim / m."""
+    if factor > 0 and dim % factor == 0:
+        return tuple(sorted((factor, dim // factor)))
+    bound = math.isqrt(dim) if factor < 0 else min(factor, math.isqrt(dim))
+    m = max(m for m in range(1, bound + 1) if dim % m == 0)
+    return m, dim // m
+
+
+def _locon_count(d_out: int, d_in: int, k: Optional[int], rank: int, _: int) -> int:
+    """LoCon with tucker (the default) on a k x k conv, k > 1: r_o d_out + r_i d_in + r_o r_i k^2
+    with the core's ranks r_o = min(r, d_out), r_i = min(r, d_in); LoRA's r (d_in k^2 + d_out)
+    on linears and 1x1 convs."""
+    if k is not None and k > 1:
+        r_out, r_in = min(rank, d_out), min(rank, d_in)
+        return r_out * d_out + r_in * d_in + r_out * r_in * k * k
+    return rank * (d_in * (k * k if k else 1) + d_out)
+
+
+def _lokr_count(d_out: int, d_in: int, k: Optional[int], rank: int, factor: int) -> int:
+    """W1 (a x c) whole, W2 (b x d k^2) as r (b + d k^2) or whole, whichever is smaller,
+    with d_out = a b and d_in = c d split by LyCORIS's factorization(., factor)."""
+    (a, b), (c, d) = lycoris_factorization(d_out, factor), lycoris_factorization(d_in, factor)
+    kk = k * k if k else 1
+    return a * c + min(rank * (b + d * kk), b * d * kk)
+
+
 SPECS: dict[str, MethodSpec] = {
     'FLoRA': MethodSpec(
         'FLoRA', reference_weight=_flora_weight, layer_count=_flora_count,
@@ -84,6 +169,21 @@ SPECS: dict[str, MethodSpec] = {
         'DoRA', reference_weight=_dora_weight,
         layer_count=lambda d_out, d_in, k, r, r2: _lora_count(d_out, d_in, k, r, r2) + d_out,
         random_settings=lambda rng: dict(alpha=rng.choice([None, 1.0, 16.0]))),
+    'LoCon': MethodSpec(
+        'LoCon', reference_weight=_locon_weight, layer_count=_locon_count,
+        random_settings=lambda rng: dict(tucker=rng.random() < 0.7,
+                                         alpha=rng.choice([None, 1.0, 16.0]))),
+    'LoHa': MethodSpec(  # two rank-r products over the flattened weight: 2 r (d_out + d_in k^2)
+        'LoHa', reference_weight=_loha_weight,
+        layer_count=lambda d_out, d_in, k, r, _: 2 * r * (d_out + d_in * (k * k if k else 1)),
+        random_settings=lambda rng: dict(use_effective_conv2d=rng.random() < 0.5,
+                                         alpha=rng.choice([None, 1.0, 16.0]))),
+    'LoKr': MethodSpec(
+        'LoKr', reference_weight=_lokr_weight, layer_count=_lokr_count,
+        random_settings=lambda rng: dict(decompose_factor=rng.choice([-1, 2, 3, 4]),
+                                         decompose_both=rng.random() < 0.5,
+                                         use_effective_conv2d=rng.random() < 0.5,
+                                         alpha=rng.choice([None, 1.0, 16.0]))),
 }
 
 

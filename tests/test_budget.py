@@ -78,16 +78,17 @@ def internvit6b_layers(img_size: int = 504) -> tuple[list, int]:
 
 def best_by_formula(layers: list, method: str, target: float) -> float:
     """The smallest |count - target| over every rank (and the second rank's candidates, FLoRA's
-    kernel ranks 1 and 2)."""
+    kernel ranks 1 and 2, LoKr's factors). A count that stops growing has saturated (every
+    factor whole: LoKr at a large factor holds at most ~|W| / f^2): no later rank differs."""
     best = float('inf')
     for kernel_rank in (second_rank(method)[1] or (2,)):
-        rank = 1
+        rank, last = 1, None
         while True:
-            err = closed_form(layers, method, rank, kernel_rank) - target
-            best = min(best, abs(err))
-            if err > 0:
+            count = closed_form(layers, method, rank, kernel_rank)
+            best = min(best, abs(count - target))
+            if count > target or count == last:
                 break
-            rank += 1
+            rank, last = rank + 1, count
     return best
 
 

@@ -10,6 +10,9 @@ from .dora import DoRA, DoRALayer
 from .flora import FLoRA, FLoRALayer, tucker_product
 from .inspection import (DEFAULT_GROUP, format_table, parameter_table, unexpected_trainable,
                          update_norms)
+from .locon import LoCon, LoConLayer
+from .loha import LoHa, LoHaLayer
+from .lokr import LoKr, LoKrLayer
 from .lora import LoRA, LoRALayer
 from .simple import BitFit, Frozen, Full
 
@@ -22,5 +25,6 @@ __all__ = [
     'LinearFactors',
     'PEFTMethod', 'PEFTConfigError', 'TargetSpec', 'LAYER_KINDS', 'FLoRA', 'FLoRALayer',
     'tucker_product', 'LoRA', 'LoRALayer', 'DoRA', 'DoRALayer', 'BitFit', 'Full', 'Frozen',
+    'LoCon', 'LoConLayer', 'LoHa', 'LoHaLayer', 'LoKr', 'LoKrLayer',
     'parameter_table', 'format_table', 'unexpected_trainable', 'update_norms', 'DEFAULT_GROUP',
 ]
