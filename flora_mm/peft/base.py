@@ -617,6 +617,12 @@ def check_positive_int(value: Any, what: str) -> None:
         raise PEFTConfigError(f'{what} must be an integer >= 1, got {value!r}')
 
 
+def check_bool(cfg: dict, key: str, where: str) -> None:
+    """A switch of a method's config must be True or False (a string 'False' is truthy)."""
+    if not isinstance(cfg[key], bool):
+        raise PEFTConfigError(f'{where}: {key} must be True or False, got {cfg[key]!r}')
+
+
 def check_number(value: Any, what: str, positive: bool = False) -> None:
     """A finite int or float (NaN and infinities pass ``<`` tests unnoticed), > 0 if asked."""
     if (isinstance(value, bool) or not isinstance(value, (int, float))

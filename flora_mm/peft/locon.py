@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..registry import PEFT_METHODS
-from .base import AdapterLayer, LinearFactors, PEFTConfigError, kaiming_uniform_
+from .base import AdapterLayer, LinearFactors, check_bool, kaiming_uniform_
 from .lora import DEFAULT_ALPHA, _LowRankMatrixMethod, lora_sq_norm
 
 
@@ -138,11 +138,9 @@ class LoCon(_LowRankMatrixMethod):
 
     layer_cls: ClassVar = LoConLayer
     layer_fields: ClassVar = ('rank', 'alpha', 'dropout', 'tucker')
-    label: ClassVar[str] = 'LoCon'
     table_order: ClassVar[float] = 5.25
     plot_style: ClassVar = ('#8c564b', 'v')
 
     def validate_layer_cfg(self, cfg: dict, where: str) -> None:
         super().validate_layer_cfg(cfg, where)
-        if not isinstance(cfg['tucker'], bool):
-            raise PEFTConfigError(f'{where}: tucker must be True or False, got {cfg["tucker"]!r}')
+        check_bool(cfg, 'tucker', where)

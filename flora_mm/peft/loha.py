@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..registry import PEFT_METHODS
-from .base import AdapterLayer, PEFTConfigError, kaiming_uniform_
+from .base import AdapterLayer, check_bool, kaiming_uniform_
 from .lora import DEFAULT_ALPHA, _LowRankMatrixMethod
 
 
@@ -103,12 +103,9 @@ class LoHa(_LowRankMatrixMethod):
 
     layer_cls: ClassVar = LoHaLayer
     layer_fields: ClassVar = ('rank', 'alpha', 'dropout', 'use_effective_conv2d')
-    label: ClassVar[str] = 'LoHa'
     table_order: ClassVar[float] = 5.5
     plot_style: ClassVar = ('#e377c2', 'X')
 
     def validate_layer_cfg(self, cfg: dict, where: str) -> None:
         super().validate_layer_cfg(cfg, where)
-        if not isinstance(cfg['use_effective_conv2d'], bool):
-            raise PEFTConfigError(f'{where}: use_effective_conv2d must be True or False, got '
-                                  f'{cfg["use_effective_conv2d"]!r}')
+        check_bool(cfg, 'use_effective_conv2d', where)

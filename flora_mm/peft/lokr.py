@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ..registry import PEFT_METHODS
-from .base import AdapterLayer, PEFTConfigError, check_positive_int, kaiming_uniform_
+from .base import AdapterLayer, check_bool, check_positive_int, kaiming_uniform_
 from .loha import tucker2
 from .lora import DEFAULT_ALPHA, _LowRankMatrixMethod
 
@@ -181,16 +181,13 @@ class LoKr(_LowRankMatrixMethod):
     layer_fields: ClassVar = ('rank', 'alpha', 'dropout', 'decompose_both', 'decompose_factor',
                               'use_effective_conv2d')
     budget_rank_choices: ClassVar[dict[str, tuple[int, ...]]] = {'decompose_factor': (2, 4, 8)}
-    label: ClassVar[str] = 'LoKr'
     table_order: ClassVar[float] = 5.75
     plot_style: ClassVar = ('#bcbd22', 'h')
 
     def validate_layer_cfg(self, cfg: dict, where: str) -> None:
         super().validate_layer_cfg(cfg, where)
         for name in ('decompose_both', 'use_effective_conv2d'):
-            if not isinstance(cfg[name], bool):
-                raise PEFTConfigError(f'{where}: {name} must be True or False, got '
-                                      f'{cfg[name]!r}')
+            check_bool(cfg, name, where)
         factor = cfg['decompose_factor']
         if factor != -1:
             check_positive_int(factor, f'{where}: decompose_factor (or -1)')

@@ -3,11 +3,42 @@ from __future__ import annotations
 
 import re
 
+from torch import nn
+
 from .base import BackboneDescription, Export, register_description
 
 _CONVNEXT = re.compile(r'^stages\.(\d+)\.(downsample|blocks)(?:\.(\d+))?\.')
 _VIT_BLOCK = re.compile(r'^blocks\.(\d+)\.')
 _EMBEDDINGS = ('cls_token', 'mask_token', 'pos_embed')
+
+
+def convnext_layer_id(stage: int, downsample: bool, block: int | None, num_layers: int,
+                      decay_type: str) -> int:
+    """mmdet's / mmseg's ``get_layer_id_for_convnext`` and mmseg's ``get_stage_id_for_convnext``
+    once a name is parsed into its stage and its downsample layer or block: the same rule for
+    every ConvNeXt naming (timm's, mmpretrain's)."""
+    if decay_type == 'stage_wise':
+        return 0 if downsample else stage + 1
+    if downsample:
+        return (0, 2, 3, num_layers)[stage]
+    return (1, 2, 3 + block // 3, num_layers)[stage]
+
+
+def vit_layer_id(name: str, block: re.Pattern, num_layers: int) -> tuple[int, bool]:
+    """BEiT's ``get_num_layer_for_vit`` (mmseg's ``get_layer_id_for_vit``, InternVL's):
+    embeddings and patch embedding 0, block N (``block``'s group 1) ``N + 1``, the rest the
+    heads' id."""
+    if name in _EMBEDDINGS or name.startswith('patch_embed.'):
+        return 0, True
+    m = block.match(name)
+    if m is None:
+        return num_layers + 1, False
+    return int(m[1]) + 1, True
+
+
+def output_norms(backbone: nn.Module) -> list[str]:
+    """``norm{i}`` for every out index: the norms a detection / segmentation ConvNeXt adds."""
+    return [rf'^norm{i}$' for i in backbone.out_indices]
 
 
 @register_description('flora_mm.models.convnextv2.ConvNeXtV2')
@@ -27,15 +58,12 @@ class ConvNeXtV2Description(BackboneDescription):
         m = _CONVNEXT.match(name)
         if m is None:  # the output norms, new in every fine-tuning
             return num_layers + 1, False
-        stage = int(m[1])
-        if decay_type == 'stage_wise':
-            return (0 if m[2] == 'downsample' else stage + 1), True
-        if m[2] == 'downsample':
-            return (0, 2, 3, num_layers)[stage], True
-        return (1, 2, 3 + int(m[3]) // 3, num_layers)[stage], True
+        downsample = m[2] == 'downsample'
+        return convnext_layer_id(int(m[1]), downsample, None if downsample else int(m[3]),
+                                 num_layers, decay_type), True
 
     def modules_to_save(self) -> list[str]:
-        return [rf'^norm{i}$' for i in self.backbone.out_indices]
+        return output_norms(self.backbone)
 
     def export(self, state: dict, cfg: dict) -> Export:
         """mmpretrain's ``ConvNeXt`` with its own key names, which mmdet's and mmseg's
@@ -58,12 +86,7 @@ class InternViTDescription(BackboneDescription):
 
     def layer_id(self, name: str, num_layers: int, decay_type: str) -> tuple[int, bool]:
         self.check_decay_type(decay_type)
-        if name in _EMBEDDINGS or name.startswith('patch_embed.'):
-            return 0, True
-        m = _VIT_BLOCK.match(name)
-        if m is None:  # the simple FPN
-            return num_layers + 1, False
-        return int(m[1]) + 1, True
+        return vit_layer_id(name, _VIT_BLOCK, num_layers)  # the simple FPN: the heads' id
 
     def modules_to_save(self) -> list[str]:
         return [r'^up\d$'] if self.backbone.with_fpn else []

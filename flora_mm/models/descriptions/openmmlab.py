@@ -14,8 +14,8 @@ from functools import cached_property
 from torch import nn
 
 from .base import BackboneDescription, register_description
+from .flora_mm_backbones import _EMBEDDINGS, convnext_layer_id, output_norms, vit_layer_id
 
-_EMBEDDINGS = ('cls_token', 'mask_token', 'pos_embed')
 
 
 # ----------------------------------------------------------------------------- mmdet ResNet
@@ -105,7 +105,7 @@ class SwinDescription(BackboneDescription):
         return self._first_block[stage] + int(m[3]) + 1, True
 
     def modules_to_save(self) -> list[str]:
-        return [rf'^norm{i}$' for i in self.backbone.out_indices]
+        return output_norms(self.backbone)
 
 
 # ----------------------------------------------------------------------------- mmpretrain ConvNeXt
@@ -136,15 +136,12 @@ class ConvNeXtDescription(BackboneDescription):
         m = _MMPRETRAIN_CONVNEXT.match(name)
         if m is None or (m[1] == 'stages' and m[3] is None):  # norm{i}
             return num_layers + 1, False
-        stage = min(int(m[2]), 3)
-        if decay_type == 'stage_wise':
-            return (0 if m[1] == 'downsample_layers' else stage + 1), True
-        if m[1] == 'downsample_layers':
-            return (0, 2, 3, num_layers)[stage], True
-        return (1, 2, 3 + int(m[3]) // 3, num_layers)[stage], True
+        downsample = m[1] == 'downsample_layers'
+        return convnext_layer_id(min(int(m[2]), 3), downsample,
+                                 None if downsample else int(m[3]), num_layers, decay_type), True
 
     def modules_to_save(self) -> list[str]:
-        return [rf'^norm{i}$' for i in self.backbone.out_indices]
+        return output_norms(self.backbone)
 
 
 # ----------------------------------------------------------------------------- mmpretrain ViT
@@ -168,12 +165,7 @@ class VisionTransformerDescription(BackboneDescription):
 
     def layer_id(self, name: str, num_layers: int, decay_type: str) -> tuple[int, bool]:
         self.check_decay_type(decay_type)
-        if name in _EMBEDDINGS or name.startswith('patch_embed'):
-            return 0, True
-        m = _LAYER.match(name)
-        if m is None:
-            return num_layers + 1, False
-        return int(m[1]) + 1, True
+        return vit_layer_id(name, _LAYER, num_layers)
 
 
 # ----------------------------------------------------------------------------- timm
