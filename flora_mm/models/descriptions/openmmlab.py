@@ -17,7 +17,6 @@ from .base import BackboneDescription, register_description
 from .flora_mm_backbones import _EMBEDDINGS, convnext_layer_id, output_norms, vit_layer_id
 
 
-
 # ----------------------------------------------------------------------------- mmdet ResNet
 _RESNET_BLOCK = re.compile(r'^layer(\d+)\.(\d+)\.')
 
