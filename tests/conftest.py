@@ -51,8 +51,9 @@ def register_scope(scope: str) -> None:
 
 
 def tiny_config(name: str, tiny_root: str) -> Config:
-    """A tiny config with every 'data/tiny' path moved under ``tiny_root``."""
-    cfg = Config.fromfile(os.path.join(ROOT, TINY_CONFIGS[name]))
+    """A tiny config (a key of ``TINY_CONFIGS`` or a path from the repository root) with every
+    'data/tiny' path moved under ``tiny_root``."""
+    cfg = Config.fromfile(os.path.join(ROOT, TINY_CONFIGS.get(name, name)))
     text = cfg.pretty_text.replace("'data/tiny", f"'{tiny_root}")
     return Config.fromstring(text, file_format='.py')
 
