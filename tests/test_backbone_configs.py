@@ -7,11 +7,10 @@ and timm's ConvNeXt cannot be built on the meta device). In the built model the 
 every Conv2d and Linear it targets, and only adapter tensors (PEFT) or the recipe's trainable
 backbone tensors (Full) train in the backbone, next to the heads.
 
-Tiny twins: each trains (one iteration) and tests with tools/train.py / tools/test.py (their
-``main``, in this process) on the generated tiny data, and the adapters change.
+Tiny twins: each trains (one iteration) and tests with the tools (flora_mm.cli.train / test:
+their ``main``, in this process) on the generated tiny data, and the adapters change.
 """
 import copy
-import importlib.util
 import os
 import re
 import types
@@ -25,6 +24,9 @@ from mmengine.optim import build_optim_wrapper
 from mmengine.registry import MODELS, DefaultScope
 from torch import nn
 
+from flora_mm.cli import test as cli_test
+from flora_mm.cli import train as cli_train
+from flora_mm.models import describe
 from flora_mm.peft import adapter_layers, unexpected_trainable
 from flora_mm.utils import register_task_modules
 
@@ -110,7 +112,9 @@ def test_real_config_is_the_recipe_with_peft(leaf):
         assert (ow.type, ow.optimizer.type, ow.optimizer.lr, ow.optimizer.weight_decay) == (
             recipe.optim_wrapper.type, 'AdamW', recipe.optim_wrapper.optimizer.lr,
             recipe.optim_wrapper.optimizer.weight_decay)
-        assert 'constructor' not in ow
+        # the recipe's own decay values, through flora_mm's constructor
+        assert ow.constructor == 'LayerDecayOptimWrapperConstructor'
+        assert ow.paramwise_cfg == recipe.optim_wrapper.paramwise_cfg
     else:
         # the package's backbone dict, with a local pretrained file
         assert _without(inner, 'init_cfg') == _without(ref, 'init_cfg', '_delete_'), leaf
@@ -146,9 +150,14 @@ def test_real_config_is_the_recipe_with_peft(leaf):
         if kind == 'resnet':
             assert len(layers) == 42 and plain  # 53 convs, 11 in the stem and stage 1
         # only adapter tensors (`<layer>.flora_core`, `<layer>.flora_factors.N`, `.lora_A`)
+        # and the modules the pretrained checkpoint lacks (Swin's output norms), which the
+        # backbone's description names
         prefixes = ADAPTER_PREFIXES[method]
+        new = [p for p in describe(backbone).modules_to_save()]
         assert trainable and all(any(part.startswith(prefixes) for part in n.split('.'))
+                                 or any(re.search(p, n.rsplit('.', 1)[0]) for p in new)
                                  for n in trainable), sorted(trainable)[:5]
+        assert (kind == 'swin') == bool(new)
         assert unexpected_trainable(model) == ([], [])
     if kind == 'resnet':
         norms = [m for m in backbone.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -169,6 +178,8 @@ def test_real_config_is_the_recipe_with_peft(leaf):
     # frozen ones included: they get no gradient, so no step)
     assert {id(p) for p in model.parameters() if p.requires_grad} <= set(in_optim)
     assert type(wrapper.optimizer).__name__ == cfg.optim_wrapper.optimizer.type
+    if kind == 'timm':  # the recipe's stage-wise decay over timm's feature_info stages
+        assert len({g['lr'] for g in wrapper.optimizer.param_groups if g['params']}) >= 4
     if kind != 'resnet':  # no weight decay on norms (Swin's custom_keys; timm: 1-D tensors)
         for n, p in model.named_parameters():
             if p.requires_grad and n.startswith('backbone.') and 'norm' in n:
@@ -183,14 +194,6 @@ TWINS = {
     'ade20k/tiny/timm-convnext-t_flora_r16': ('mIoU',),
     'dota/tiny/r50_flora_r16': ('dota/mAP',),
 }
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f'_tool_{name}',
-                                                  os.path.join(ROOT, 'tools', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize('twin', sorted(TWINS))
@@ -218,16 +221,17 @@ def test_tiny_twin_trains_and_tests_with_the_tools(twin, tiny_root, tmp_path, mo
     if twin.startswith(('coco', 'dota')):
         # two iterations clear no 0.05 score threshold: keep every detection to score
         options.append('model.test_cfg.rcnn.score_thr=0.0')
-    _tool('train').main([str(path), '--work-dir', str(tmp_path), '--cfg-options',
-                         *schedule, *options])
+    cli_train.main([str(path), '--work-dir', str(tmp_path), '--cfg-options', *schedule,
+                    *options])
     assert ckpt.is_file() and ckpt.with_name(ckpt.stem + '_adapter.safetensors').is_file()
     state = torch.load(ckpt, map_location='cpu', weights_only=True)['state_dict']
     cores = [v for k, v in state.items() if k.startswith('backbone.') and 'flora_core' in k]
     assert cores and any(v.abs().sum() > 0 for v in cores)  # FLoRA's cores start at zero
-    tool, metrics = _tool('test'), {}
-    run_test = tool.test
-    tool.test = lambda *args, **kwargs: metrics.update(run_test(*args, **kwargs))
-    tool.main([str(path), str(ckpt), '--work-dir', str(tmp_path / 'test'),
-               '--cfg-options', *options])
+    metrics = {}
+    run_test = cli_test.test
+    monkeypatch.setattr(cli_test, 'test',
+                        lambda *args, **kwargs: metrics.update(run_test(*args, **kwargs)))
+    cli_test.main([str(path), str(ckpt), '--work-dir', str(tmp_path / 'test'),
+                   '--cfg-options', *options])
     for key in TWINS[twin]:
         assert key in metrics, sorted(metrics)

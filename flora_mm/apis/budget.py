@@ -38,7 +38,7 @@ from ..checkpoint import to_plain
 from ..peft import (PEFTConfigError, PEFTMethod, build_peft_method, count_parameters,
                     injected_roots, remove_adapters)
 from ..models.meta import meta_device
-from ..models.peft_backbone import with_saved_modules
+from ..models.peft_backbone import with_saved_modules, without_weights
 from ..registry import MODELS, PEFT_METHODS
 from .config import get_scope, load_config
 
@@ -321,7 +321,7 @@ class _MetaBackbone:
         backbone = to_plain(cfg.model.backbone)
         self.saved = backbone.get('modules_to_save')
         with _quiet(), meta_device():
-            self.module = MODELS.build(backbone['backbone'])
+            self.module = MODELS.build(without_weights(backbone['backbone']))
 
     def counts(self, peft: dict) -> dict:
         # as PEFTBackbone adds the backbone's new modules to the method's modules_to_save

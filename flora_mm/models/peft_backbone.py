@@ -35,6 +35,13 @@ def _init_then_reset(self: nn.Module) -> None:
     reset_adapters_from_base(self)
 
 
+def without_weights(backbone: dict) -> dict:
+    """A backbone config that reads no weights while it is built: OpenMMLab's ``pretrained``
+    (a path, or True for timm's ``TIMMBackbone``) is read at construction, before
+    ``init_weights``; counting and testing a full checkpoint read none."""
+    return dict(backbone, pretrained=None) if backbone.get('pretrained') else dict(backbone)
+
+
 def with_saved_modules(peft: dict, backbone: nn.Module,
                        modules_to_save: list[str] | None = None) -> dict:
     """``peft`` with the backbone's new modules (``modules_to_save``, or the description's)
@@ -51,15 +58,16 @@ def build_peft_backbone(backbone: dict, peft: dict, load_pretrained: bool = True
     """``backbone=dict(type='PEFTBackbone', backbone=dict(type=...), peft=dict(type=...))``.
 
     ``load_pretrained``: run the inner backbone's ``init_weights()`` (its ``init_cfg``, e.g.
-    ``dict(type='Pretrained', checkpoint=...)``) before injecting. Test-time tools turn it off:
-    the checkpoint under test provides every weight.
+    ``dict(type='Pretrained', checkpoint=...)``) before injecting, and keep its ``pretrained``
+    argument. Test-time tools and counting turn it off: the checkpoint under test provides
+    every weight, and a count reads none.
     ``modules_to_save``: regexes of backbone parts that the pretrained checkpoint lacks (output
     norms, InternViT's simple FPN); they train fully under every method, added to the method's
     own ``modules_to_save``. By default the backbone's description names them
     (``flora_mm.models.describe``), so configs do not; a list here replaces that.
     """
     build_peft_method(peft)  # validate before building anything large
-    inner = MODELS.build(backbone)
+    inner = MODELS.build(backbone if load_pretrained else without_weights(backbone))
     method = build_peft_method(with_saved_modules(peft, inner, modules_to_save))
     if load_pretrained and hasattr(inner, 'init_weights'):
         inner.init_weights()

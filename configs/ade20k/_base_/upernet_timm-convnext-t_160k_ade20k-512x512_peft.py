@@ -26,14 +26,15 @@ model = dict(
         peft=dict(type='Frozen')),
     decode_head=dict(in_channels=[96, 192, 384, 768]),
     auxiliary_head=dict(in_channels=384))
-# The recipe's stage-wise lr decay (mmseg's LearningRateDecayOptimizerConstructor) reads
-# mmpretrain's ConvNeXt names and knows no TIMMBackbone: AdamW with the same lr, wd and AMP,
-# without decay; 1-D tensors and biases without weight decay as that constructor does.
+# The recipe's stage-wise lr decay (mmseg's LearningRateDecayOptimizerConstructor reads
+# mmpretrain's ConvNeXt names only): flora_mm's constructor, whose TIMMBackbone description
+# takes the stages from timm's feature_info (docs/backbones.md), with the recipe's values
 optim_wrapper = dict(
     _delete_=True,
     type='AmpOptimWrapper',
     optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05),
-    paramwise_cfg=dict(flat_decay_mult=0.0, bias_decay_mult=0.0),
+    constructor='LayerDecayOptimWrapperConstructor',
+    paramwise_cfg=dict(decay_rate=0.9, decay_type='stage_wise', num_layers=6),
     loss_scale='dynamic')
 # FLoRA's scale s for ConvNeXt-T (docs/recipes.md, "FLoRA scale s")
 flora_scale = 4.0

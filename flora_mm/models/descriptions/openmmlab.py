@@ -58,13 +58,14 @@ class ResNetDescription(BackboneDescription):
         return self._first_block[stage] + block + 1, True
 
 
-# ----------------------------------------------------------------------------- mmdet Swin
+# ----------------------------------------------------------------------------- mmdet / mmseg Swin
 _SWIN = re.compile(r'^stages\.(\d+)\.(blocks|downsample)(?:\.(\d+))?\.')
 
 
-@register_description('mmdet.models.backbones.swin.SwinTransformer')
+@register_description('mmdet.models.backbones.swin.SwinTransformer',
+                      'mmseg.models.backbones.swin.SwinTransformer')
 class SwinDescription(BackboneDescription):
-    """mmdet's ``SwinTransformer``: ``patch_embed``, ``absolute_pos_embed``,
+    """mmdet's and mmseg's ``SwinTransformer`` (the same module names): ``patch_embed``, ``absolute_pos_embed``,
     ``stages.S.blocks.B``, ``stages.S.downsample`` (after the stage's blocks), the output norms
     ``norm{i}`` for ``out_indices``.
 
