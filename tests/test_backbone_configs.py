@@ -24,6 +24,7 @@ from mmengine.optim import build_optim_wrapper
 from mmengine.registry import MODELS, DefaultScope
 from torch import nn
 
+from flora_mm.apis import merge
 from flora_mm.cli import test as cli_test
 from flora_mm.cli import train as cli_train
 from flora_mm.models import describe
@@ -235,3 +236,13 @@ def test_tiny_twin_trains_and_tests_with_the_tools(twin, tiny_root, tmp_path, mo
                    '--cfg-options', *options])
     for key in TWINS[twin]:
         assert key in metrics, sorted(metrics)
+    # merged into plain weights, written with a config plain OpenMMLab builds and loads
+    summary = merge(str(path), str(ckpt), str(tmp_path / 'merged.pth'))
+    assert summary['verify_error'] < 1e-4 and summary['merged_layers'] > 0
+    merged = Config.fromfile(str(tmp_path / 'merged.py'))
+    assert 'flora_mm' not in merged.get('custom_imports', {}).get('imports', [])
+    assert not merged.model.backbone.get('pretrained')  # it holds every weight itself
+    with DefaultScope.overwrite_default_scope(merged.default_scope):
+        model = MODELS.build(merged.model)
+    sd = torch.load(tmp_path / 'merged.pth', map_location='cpu', weights_only=True)['state_dict']
+    model.load_state_dict(sd, strict=True)

@@ -36,6 +36,7 @@ from ..checkpoint import (CheckpointError, check_finite, check_keys, check_types
                           load_checkpoint_file, mmengine_checkpoint_globals, state_dict_of,
                           to_plain)
 from ..models import Export, describe
+from ..models.peft_backbone import without_weights
 from ..peft import adapter_layers, injected_roots, remove_adapters
 from ..registry import MODELS
 from ..peft.io import load_adapter_checkpoint, read_adapter_info
@@ -259,8 +260,9 @@ def _plain_backbone(model: nn.Module, cfg: Config, plain_keys: bool
         state = OrderedDict([(k, v) for k, v in state.items() if not k.startswith('backbone.')]
                             + [('backbone.' + k, v) for k, v in export.state.items()])
         return state, export.cfg, export
-    if peft_cfg is not None:
-        inner_cfg.pop('init_cfg', None)  # the merged checkpoint holds every weight
+    if peft_cfg is not None:  # the merged checkpoint holds every weight: read none at build
+        inner_cfg = without_weights(inner_cfg)
+        inner_cfg.pop('init_cfg', None)
         return state, inner_cfg, None
     return state, None, None
 
