@@ -140,16 +140,20 @@ def checksums(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
     """Whole-tensor checksums of plain or sharded tensors, computed where they live.
 
     With DTensors every rank sums its own shard and one all-reduce combines them (call it on
-    every rank). Meta tensors are skipped.
+    every rank); plain tensors beside them count once. Meta tensors are skipped.
     """
     names = [k for k, t in tensors.items() if t.device.type != 'meta']
     if not names:
         return {}
     sharded = any_sharded(tensors[k] for k in names)
+    # plain tensors of a sharded model (FSDP2 leaves buffers such as batch-norm statistics
+    # whole on every rank) are counted on rank 0 only, or the all-reduce would add them up
+    rank = dist.get_rank() if sharded and dist.is_available() and dist.is_initialized() else 0
     parts = []
     for name in names:
         local, offset = local_rows(tensors[name])
-        parts.append(partial_checksum(local, offset))
+        part = partial_checksum(local, offset)
+        parts.append(part if rank == 0 or is_sharded(tensors[name]) else torch.zeros_like(part))
     device = parts[0].device
     stacked = torch.stack([p.to(device) for p in parts])
     stacked = sum_over_ranks(stacked, sharded).cpu()

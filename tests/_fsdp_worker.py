@@ -55,6 +55,16 @@ class Net(nn.Module):
             self.backbone = InternViT(arch='tiny', img_size=28, with_fpn=False,
                                       out_indices=(3,))
             channels = 64
+        elif backbone == 'resnet':  # mmdet's, batch norms in eval as its detection recipes
+            from mmdet.models.backbones import ResNet
+            self.backbone = ResNet(depth=18, out_indices=(3,), norm_eval=True)
+            channels = 512
+        elif backbone == 'swin':  # mmdet's
+            from mmdet.models.backbones import SwinTransformer
+            self.backbone = SwinTransformer(embed_dims=16, depths=(2, 2, 2, 2),
+                                            num_heads=(1, 1, 2, 2), window_size=2,
+                                            drop_path_rate=0.0, out_indices=(3,))
+            channels = 128
         else:
             self.backbone = ConvNeXtV2(arch='atto', out_indices=(3,))
             channels = 320
