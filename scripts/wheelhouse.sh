@@ -13,6 +13,8 @@
 #   PLATFORM               wheel platform of the target (manylinux_2_28_x86_64, torch's own floor)
 #   TORCH_WHEELS=1         also put torch, torchvision and torch's CUDA runtime wheels in
 #   WHEELHOUSE             output folder (work_dirs/wheelhouse-<py>-<torch>-<variant>)
+#   SDISTS                 "name==version ..." of dependencies with no wheel for the target: built
+#                          here into wheels first (none needed for the pinned stack today)
 #   WHEELHOUSE_BUILD       throwaway build venvs and the cached mmcv wheel
 #                          ($FLORA_MM_CACHE/wheelhouse-build, default ~/.cache/flora_mm/...)
 #
@@ -21,7 +23,7 @@
 # cached per target; 3. the rest of requirements.txt + requirements-test.txt and everything
 # they pull, resolved once for the target's Python/platform together with torch==TORCH (so the
 # versions agree with that torch), then downloaded as wheels (an sdist-only package is built
-# into a wheel with the build venv); 4. flora_mm itself as a wheel; 5. manifest.json.
+# into a wheel with the build venv when named in SDISTS); 4. flora_mm itself as a wheel; 5. manifest.json.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -133,38 +135,41 @@ reqs="$build/requirements-$label.txt"
   grep -vE '^(torch|torchvision)==' requirements-test.txt
 } | sed -e 's/#.*//' -e '/^[[:space:]]*$/d' >"$reqs"
 # the install list of the target: the pins above, mmcv, flora_mm (its wheel declares no dependency)
-target=(--python-version "$pyver" --implementation cp --abi "$pytag" --platform "$platform"
-        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
-        --platform manylinux2010_x86_64 --platform manylinux1_x86_64 --platform linux_x86_64)
+# pip does not widen a manylinux_2_N tag to older glibc versions by itself: list them all
+plat_arch="${platform#manylinux_2_*_}"; plat_glibc="${platform#manylinux_2_}"; plat_glibc="${plat_glibc%%_*}"
+target=(--python-version "$pyver" --implementation cp --abi "$pytag" --only-binary=:all:)
+for g in $(seq "$plat_glibc" -1 5); do target+=(--platform "manylinux_2_${g}_$plat_arch"); done
+target+=(--platform "manylinux2014_$plat_arch" --platform "manylinux2010_$plat_arch"
+         --platform "manylinux1_$plat_arch" --platform "linux_$plat_arch")  # linux_*: mmcv's own
+# a dependency without a wheel on the index: SDISTS="name==version ..." builds it here first
+links=(--find-links "$mmcv_dir")
+if [ -n "${SDISTS:-}" ]; then
+  sdist_dir="$build/sdist-wheels-$label"; mkdir -p "$sdist_dir"
+  # shellcheck disable=SC2086
+  pipq wheel -q --no-deps -w "$sdist_dir" $SDISTS >&2
+  links+=(--find-links "$sdist_dir")
+fi
 report="$build/report-$label.json"
 log "resolving the stack for $pytag/$platform together with torch==$torch_ver"
 pipq install -q --dry-run --ignore-installed --target "$build/dry-$label" "${target[@]}" \
-  --find-links "$mmcv_dir" --report "$report" \
+  "${links[@]}" --report "$report" \
   -r "$reqs" "mmcv==$mmcv_ver" "torch==$torch_ver" "torchvision==$tv_ver" >&2
 # torch, torchvision and torch's GPU runtime come with the target (unless TORCH_WHEELS=1)
-"$bpy" - "$report" "$build/wheels-$label.txt" "$build/sdists-$label.txt" "${TORCH_WHEELS:-0}" <<'PY'
+"$bpy" - "$report" "$build/wheels-$label.txt" "${TORCH_WHEELS:-0}" <<'PY'
 import json, re, sys
-report, wheels, sdists, torch_wheels = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == '1'
+report, wheels, torch_wheels = sys.argv[1], sys.argv[2], sys.argv[3] == '1'
 skip = re.compile(r'^(torch|torchvision|triton|nvidia-.*|cuda-toolkit|cuda-bindings|cuda-pathfinder)$')
-w, s = [], []
+w = []
 for item in json.load(open(report))['install']:
     name, ver = item['metadata']['name'], item['metadata']['version']
     norm = re.sub(r'[-_.]+', '-', name).lower()
     if norm == 'mmcv' or (skip.match(norm) and not torch_wheels):
         continue
-    url = item['download_info']['url']
-    (w if url.endswith('.whl') else s).append(f'{name}=={ver}\n')
+    w.append(f'{name}=={ver}\n')
 open(wheels, 'w').writelines(w)
-open(sdists, 'w').writelines(s)
 PY
 log "downloading $(wc -l <"$build/wheels-$label.txt") wheels"
-pipq download -q --no-deps --only-binary=:all: "${target[@]}" -d "$out" -r "$build/wheels-$label.txt" >&2
-if [ -s "$build/sdists-$label.txt" ]; then
-  [ "$pyver" = "$("$bpy" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" ] || die "unreachable"
-  log "building wheels from sdists: $(tr '\n' ' ' <"$build/sdists-$label.txt")"
-  pipq wheel -q --no-deps -w "$out" -r "$build/sdists-$label.txt" >&2
-fi
-if [ "${TORCH_WHEELS:-0}" = 1 ]; then cp "$torch_dir"/torch-*.whl "$torch_dir"/torchvision-*.whl "$out/" 2>/dev/null || true; fi
+pipq download -q --no-deps "${target[@]}" "${links[@]}" -d "$out" -r "$build/wheels-$label.txt" >&2
 
 # --- 4. flora_mm itself --------------------------------------------------------------------------
 fdir="$(mktemp -d)"
