@@ -6,7 +6,7 @@ SHELL := /bin/bash
 # editable install last pointed at
 PY = PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(shell bash scripts/setup_env.sh)
 
-.PHONY: help env python-path test demo demo-all data bench gpu-check compare
+.PHONY: help env python-path test demo demo-all data bench gpu-check compare wheelhouse env-offline
 
 help:
 	@echo "make demo        set up, generate tiny COCO, fine-tune FLoRA with tools/train.py, evaluate with tools/test.py"
@@ -17,6 +17,8 @@ help:
 	@echo "make -s python-path   print the environment's interpreter"
 	@echo "make gpu-check   on a GPU machine: train/test the tiny configs on CUDA, CUDA tests, 2-GPU run"
 	@echo "make compare     every method on the tiny data of all three tasks (CPU): Table 1 + plot"
+	@echo "make wheelhouse  wheels of the whole stack for one target (PYTHON= TORCH= FLORA_MM_CUDA= TORCH_CUDA_ARCH_LIST= WHEELHOUSE=)"
+	@echo "make env-offline WHEELHOUSE=DIR [PYTHON=...]   install from such a folder, no index (torch already installed)"
 
 env:
 	@bash scripts/setup_env.sh >/dev/null
@@ -54,3 +56,12 @@ compare: env
 		--methods Frozen Full BitFit LoRA DoRA FLoRA --budgets 2% \
 		--max-epochs 6 --max-iters 12 --no-train-val --jobs 2 --dota-iou-thrs 0.5 0.75 \
 		--cwd $(COMPARE_DIR) --out $(COMPARE_DIR)
+
+# offline / cluster install (README "Offline / cluster install"): build the wheels where the index
+# is, install them where it is not. Command-line variables reach the scripts as environment.
+wheelhouse:
+	bash scripts/wheelhouse.sh
+
+env-offline:
+	@test -n "$(WHEELHOUSE)" || { echo "usage: make env-offline WHEELHOUSE=DIR [PYTHON=interpreter]"; exit 2; }
+	bash scripts/install_offline.sh "$(WHEELHOUSE)" $(PYTHON)

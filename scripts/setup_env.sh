@@ -94,22 +94,9 @@ pipi -q -r requirements-build.txt
 # 2. mmcv from source with its ops, against that torch.
 #    Its setup.py hard-codes -std=c++14 while torch's headers need C++20: a compiler wrapper
 #    rewrites the flag. No build isolation, so it compiles against the torch installed above.
-# write_cxx20_wrapper PATH COMPILER: an executable that runs COMPILER with -std=c++14/17 turned
-# into -std=c++20 (used for g++ here and for nvcc in cuda_toolchain.sh). COMPILER is written into
-# the script as given, so a quoted "${VAR:-default}" is resolved when the wrapper runs.
-write_cxx20_wrapper() {
-  cat >"$1" <<SH
-#!/usr/bin/env bash
-# mmcv's setup.py asks for C++14; torch 2.14's headers need C++20
-args=()
-for a in "\$@"; do
-  case "\$a" in -std=c++14|-std=c++17) a=-std=c++20 ;; esac
-  args+=("\$a")
-done
-exec $2 "\${args[@]}"
-SH
-  chmod +x "$1"
-}
+# write_cxx20_wrapper (scripts/cxx20_wrapper.sh, shared with scripts/wheelhouse.sh)
+# shellcheck source=cxx20_wrapper.sh
+source "$root/scripts/cxx20_wrapper.sh"
 wrap="$env_dir/bin/flora-cxx"
 write_cxx20_wrapper "$wrap" '"${FLORA_MM_REAL_CXX:-g++}"'
 if [ "$variant" = cuda ]; then
