@@ -19,6 +19,7 @@
 #     one is visible.
 set -euo pipefail
 
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 log() { echo "[flora_mm offline] $*" >&2; }
 [ $# -ge 1 ] && [ $# -le 2 ] || { echo "usage: $0 WHEELHOUSE [PYTHON]" >&2; exit 2; }
 wh="$(cd "$1" && pwd)" || { log "no wheelhouse folder '$1'"; exit 2; }
@@ -99,16 +100,7 @@ variant="$("$py" -c 'import json, sys; print(json.load(open(sys.argv[1]))["varia
 
 # 4. the checks of setup_env.sh, from a neutral folder (the installed flora_mm, not a checkout's)
 cd "$(mktemp -d)"
-"$py" - <<'PY' >&2
-import flora_mm  # applies the compatibility shims first
-from mmcv.ops import nms_rotated, RoIAlignRotated, nms, RoIAlign  # noqa: F401  (compiled ops)
-import torch, mmcv, mmdet, mmseg, mmrotate, timm, mmengine
-from mmcv.ops import box_iou_rotated
-b = torch.tensor([[10., 10., 8., 4., 0.3]])
-assert abs(float(box_iou_rotated(b, b)) - 1.0) < 1e-5
-print('env ok: torch', torch.__version__, 'mmcv', mmcv.__version__, 'mmdet', mmdet.__version__,
-      'mmseg', mmseg.__version__, 'mmrotate', mmrotate.__version__, 'timm', timm.__version__)
-PY
+"$py" "$here/check_env.py" >&2
 if [ "$variant" = cuda ]; then
   "$py" -c 'from flora_mm.apis.cuda_ops import check_mmcv_cuda_kernels as c; print(c())' >&2
   "$py" - <<'PY' >&2

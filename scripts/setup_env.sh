@@ -121,16 +121,7 @@ pipi -q -r requirements.txt -r requirements-test.txt
 pipi -q --no-deps --no-build-isolation -e "$root"
 
 # 4. fail loudly unless the compiled ops and every OpenMMLab package import
-"$vpy" - <<'PY' >&2
-import flora_mm  # applies the compatibility shims first
-from mmcv.ops import nms_rotated, RoIAlignRotated, nms, RoIAlign  # noqa: F401  (compiled ops)
-import torch, mmcv, mmdet, mmseg, mmrotate, timm, mmengine
-from mmcv.ops import box_iou_rotated
-b = torch.tensor([[10., 10., 8., 4., 0.3]])
-assert abs(float(box_iou_rotated(b, b)) - 1.0) < 1e-5
-print('env ok: torch', torch.__version__, 'mmcv', mmcv.__version__, 'mmdet', mmdet.__version__,
-      'mmseg', mmseg.__version__, 'mmrotate', mmrotate.__version__, 'timm', timm.__version__)
-PY
+"$vpy" "$root/scripts/check_env.py" >&2
 if [ "$variant" = cuda ]; then
   # the extension must hold CUDA kernels for the detection ops, or the variant is not what it says
   "$vpy" "$root/scripts/check_mmcv_cuda.py" >&2
