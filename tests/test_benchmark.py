@@ -207,6 +207,18 @@ def test_tool_rejects_bad_arguments_before_measuring(tmp_path):
     assert set(METHODS) >= {'Floor', 'FLoRA-ref', 'Full'}
 
 
+def test_every_builtin_method_has_a_row():
+    """Each method flora_mm registers is measured beside the others (LoCon, LoHa and LoKr
+    included), each row built as the method it names."""
+    from flora_mm.registry import PEFT_METHODS
+    builtin = {cls.__name__ for cls in PEFT_METHODS.module_dict.values()
+               if cls.__module__.startswith('flora_mm.')}
+    assert builtin >= {'LoCon', 'LoHa', 'LoKr'} and builtin <= set(METHODS)
+    configs = method_configs()
+    for name in ('LoCon', 'LoHa', 'LoKr'):
+        assert configs[name]['type'] == name and configs[name]['rank'] == 16
+
+
 def test_rebuilt_adapter_inputs_are_exactly_what_is_no_longer_kept():
     """ConvNeXt-V2 with linear MLPs (tiny): keeping the adapters' inputs costs exactly fc1's
     input (C channels) plus fc2's (4C) at every position of every block, and Floor (no

@@ -66,7 +66,9 @@ class FLoRAReference(FLoRA):
 
 
 def method_configs() -> dict[str, dict | PEFTMethod]:
-    """The rows, in table order: FLoRA rank 16 / kernel rank 2 against LoRA and DoRA rank 16."""
+    """The rows, in table order: FLoRA rank 16 / kernel rank 2 against LoRA and DoRA rank 16,
+    and the other conv methods as their r16 recipes (configs/*/convnextv2_{locon,loha,lokr}_r16.py:
+    rank 16 and the libraries' defaults; LoKr's decompose_factor -1)."""
     flora = dict(rank=16, kernel_rank=2, scale=4.0, targets=TARGETS)
     return {
         'Floor': dict(type='Frozen'),  # + gradients to the input (see TrainCase)
@@ -76,6 +78,9 @@ def method_configs() -> dict[str, dict | PEFTMethod]:
         'DoRA': dict(type='DoRA', rank=16, targets=TARGETS),
         'FLoRA': dict(type='FLoRA', **flora),
         'FLoRA-ref': FLoRAReference(**flora),
+        'LoCon': dict(type='LoCon', rank=16, tucker=True, targets=TARGETS),
+        'LoHa': dict(type='LoHa', rank=16, targets=TARGETS),
+        'LoKr': dict(type='LoKr', rank=16, decompose_factor=-1, targets=TARGETS),
         'Full': dict(type='Full'),
     }
 
