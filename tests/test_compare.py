@@ -182,3 +182,30 @@ def test_table_order_labels_and_plot_come_from_the_methods(tmp_path):
         assert (cells[1] == '-') == (not method_cls(method).trains_module)  # # Params
     figure = C.plot(table, str(tmp_path / 'compare.png'))
     assert figure['series'] == {'ADE20K mIoU': [method_cls(m).label for m in method_names()]}
+
+
+def test_builtin_methods_plot_apart():
+    """flora_mm's own methods (nine in `make compare`) each have their own colour and, where
+    they draw markers, their own marker."""
+    own = [method_cls(m) for m in method_names()
+           if method_cls(m).__module__.startswith('flora_mm.')]
+    assert len(own) >= 9
+    colors = [cls.plot_style[0] for cls in own]
+    markers = [cls.plot_style[1] for cls in own if cls.plot_style[1] is not None]
+    assert len(set(colors)) == len(colors) and len(set(markers)) == len(markers)
+
+
+def test_rank_labels_at_one_point_do_not_overlap():
+    """Methods that land on the same point (same score, matched budget) get their rank labels
+    stacked inside the axes, not printed over each other."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(4.6, 3.6), dpi=C.DPI)
+    ax.plot([1e4, 1e6], [0.0, 30.0])
+    ax.set_xscale('log')
+    C._place_rank_labels(ax, [(6.5e4, 0.0, f'r{i}', 'k') for i in range(4)])
+    offsets = [text.xyann for text in ax.texts]
+    assert len(offsets) == 4 and len({dy for _, dy in offsets}) == 4
+    assert all(dy > 0 for _, dy in offsets)  # at the bottom edge: stacked upwards, inside
+    plt.close(fig)

@@ -621,6 +621,37 @@ PANEL_INCHES = (4.6, 3.6)
 DPI = 100
 
 
+def _place_rank_labels(ax, labels: list) -> None:
+    """Rank labels beside their markers, none over another: methods at the same point (e.g. the
+    same score at a matched budget) get their labels stacked, the first free slot above or
+    below the marker (checked in pixels once the axes' limits are final)."""
+    if not labels:
+        return
+    ax.autoscale_view()
+    to_px = ax.figure.dpi / 72.0
+    frame = ax.get_window_extent()
+    placed: list[tuple[float, float, float, float]] = []
+    for x, y, text, color in labels:
+        px, py = ax.transData.transform((x, y))
+        w, h = (4.2 * len(text) + 2) * to_px, 8.0 * to_px  # 7 pt text, generously
+
+        def box_at(dy: float) -> tuple[float, float, float, float]:
+            return (px + 5 * to_px, py + dy * to_px, px + 5 * to_px + w, py + dy * to_px + h)
+
+        def free(box) -> bool:
+            return not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3]
+                           for b in placed)
+
+        offsets = (4, 12, 20, 28, 36, -12, -20, -28, -36)
+        inside = [dy for dy in offsets
+                  if frame.y0 <= box_at(dy)[1] and box_at(dy)[3] <= frame.y1]
+        dy = next((dy for dy in inside + list(offsets) if free(box_at(dy))), offsets[0])
+        box = box_at(dy)
+        placed.append(box)
+        ax.annotate(text, (x, y), textcoords='offset points', xytext=(5, dy), fontsize=7,
+                    color=color)
+
+
 def plot(table: dict, path: str) -> dict:
     """compare.png: per task its main metric (and with several tasks the average) against the
     method's trainable parameters on a log axis; a line per method across budgets, Base as a
@@ -648,6 +679,7 @@ def plot(table: dict, path: str) -> dict:
         title = f'{task} {column[1]}' if column else 'All: Avg. of the metric columns'
         ax.set_title(title, fontsize=10)
         series[title] = []
+        labels: list = []  # rank labels, placed once the axes are final
         for backbone in backbones:
             for method in dict.fromkeys(r['method'] for r in table['rows']):
                 rows = [r for r in table['rows'] if r['method'] == method
@@ -672,15 +704,13 @@ def plot(table: dict, path: str) -> dict:
                     points.sort()
                     ax.plot([p[0] for p in points], [p[1] for p in points], color=color,
                             marker=marker, ms=9 if marker == '*' else 6, lw=1.5, label=label)
-                    for x, y, text in points:
-                        if text:
-                            ax.annotate(text, (x, y), textcoords='offset points',
-                                        xytext=(5, 4), fontsize=7, color=color)
+                    labels += [(x, y, text, color) for x, y, text in points if text]
                 series[title].append(label)
         if not series[title]:  # e.g. a detector that found nothing yet: COCO gives no scores
             ax.text(0.5, 0.5, 'no scores', ha='center', va='center', transform=ax.transAxes,
                     color='0.4')
         ax.set_xscale('log')
+        _place_rank_labels(ax, labels)
         ax.set_xlabel('trainable backbone parameters (log)', fontsize=9)
         ax.set_ylabel(f'{column[1]} (%)' if column else 'Avg. (%)', fontsize=9)
         ax.grid(True, which='both', alpha=0.3)
@@ -691,7 +721,7 @@ def plot(table: dict, path: str) -> dict:
             legend.setdefault(label, handle)
     if legend:
         fig.legend(list(legend.values()), list(legend), loc='lower center',
-                   ncol=min(len(legend), 6), fontsize=9, frameon=False)
+                   ncol=min(len(legend), 5), fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=DPI)
     size = fig.canvas.get_width_height()

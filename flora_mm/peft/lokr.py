@@ -182,7 +182,7 @@ class LoKr(_LowRankMatrixMethod):
                               'use_effective_conv2d')
     budget_rank_choices: ClassVar[dict[str, tuple[int, ...]]] = {'decompose_factor': (2, 4, 8)}
     table_order: ClassVar[float] = 5.75
-    plot_style: ClassVar = ('#bcbd22', 'h')
+    plot_style: ClassVar = ('#008b8b', 'P')
 
     def validate_layer_cfg(self, cfg: dict, where: str) -> None:
         super().validate_layer_cfg(cfg, where)
