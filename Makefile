@@ -53,7 +53,7 @@ compare: env
 	$(PY) tools/make_tiny_data.py --out $(COMPARE_DIR)/data/tiny --num-train 8 --num-val 4
 	$(PY) tools/compare.py configs/coco/tiny/convnextv2_flora_r16.py \
 		configs/ade20k/tiny/convnextv2_flora_r16.py configs/dota/tiny/convnextv2_flora_r16.py \
-		--methods Frozen Full BitFit LoRA DoRA FLoRA --budgets 2% \
+		--methods Frozen Full BitFit LoRA DoRA FLoRA LoCon LoHa LoKr --budgets 2% \
 		--max-epochs 6 --max-iters 12 --no-train-val --jobs 2 --dota-iou-thrs 0.5 0.75 \
 		--cwd $(COMPARE_DIR) --out $(COMPARE_DIR)
 

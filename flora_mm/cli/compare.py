@@ -27,8 +27,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         '--methods')
     parser.add_argument('--out', default='work_dirs/compare', help='output folder')
     parser.add_argument('--methods', nargs='+', help='PEFT methods to run on every config '
-                        '(Frozen, Full, BitFit, LoRA, DoRA, FLoRA)')
-    parser.add_argument('--budgets', nargs='+', type=budget, help='budgets for LoRA/DoRA/FLoRA: '
+                        '(any registered: Frozen, Full, BitFit, LoRA, DoRA, FLoRA, '
+                        'LoCon, LoHa, LoKr)')
+    parser.add_argument('--budgets', nargs='+', type=budget, help='budgets for the rank methods: '
                         'counts (12.9M, 500K) or shares of the backbone (0.66%%)')
     parser.add_argument('--kernel-ranks', nargs='+', type=positive_int,
                         help='FLoRA kernel ranks the solver may pick (default 1 2)')
