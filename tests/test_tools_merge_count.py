@@ -31,6 +31,7 @@ from flora_mm.models import ConvNeXtV2, describe
 from flora_mm.models.convnextv2 import (mmpretrain_convnext_cfg, timm_to_mmpretrain,
                                         timm_to_mmpretrain_key)
 
+from ._methods import spec
 from ._predict_det import predict
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -102,6 +103,13 @@ def method_params(layer, peft: dict) -> int:
         return lora + (d_out if kind == 'DoRA' else 0)
     if kind == 'BitFit':
         return d_out if bias else 0
+    if kind in ('LoCon', 'LoHa', 'LoKr'):
+        # their counts from the libraries' formulas (tests/_methods.py), in the settings the
+        # recipes use (configs/*/convnextv2_{locon,loha,lokr}_r16.py)
+        assert peft.get('tucker', True) and not peft.get('use_effective_conv2d', False)
+        assert not peft.get('decompose_both', False)
+        return spec(kind).layer_count(d_out, d_in, k, peft['rank'],
+                                      peft.get('decompose_factor', -1))
     raise AssertionError(kind)
 
 
