@@ -9,8 +9,12 @@ Two registered pieces, switched on by ``configs/_base_/fsdp.py`` (any leaf confi
 fragment = its sharded variant; no new command-line arguments):
 
 - ``model_wrapper_cfg=dict(type='FullyShardedModel', ...)`` (``MODEL_WRAPPERS``): the Runner's
-  own route for distributed wrappers. It initialises the model (pretrained weights, adapters)
-  while it is still whole, makes the ranks equal (as DDP does), then calls ``fully_shard`` on
+  own route for distributed wrappers. With ``meta_init=True`` (configs/_base_/fsdp.py) the
+  Runner built the parameters on the meta device and it starts the model shard by shard
+  (:func:`meta_start`: rank 0 reads the pretrained files, the rest follows the seed rule of
+  ``seeded_init.py``, broadcast into the shards). Otherwise it initialises the model
+  (pretrained weights, adapters) while it is still whole, makes the ranks equal (as DDP
+  does). Either way it calls ``fully_shard`` on
   one unit per InternViT block / ConvNeXt-V2 block (+ the stem / patch embedding) and on the
   root. Optional composable (non-reentrant) activation checkpointing per unit, and a
   ``MixedPrecisionPolicy``. Without ``--launcher`` the Runner does not wrap at all: the same
@@ -41,7 +45,6 @@ from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.optim import OptimWrapper
 from mmengine.registry import MODEL_WRAPPERS, RUNNERS
-from mmengine.runner import Runner
 from mmengine.runner.checkpoint import _load_checkpoint, save_checkpoint
 from mmengine.utils import apply_to
 from torch import nn
@@ -51,6 +54,7 @@ from ..models import describe
 from ..models._checkpoint import capture_pretrained, init_weights_from_cfg, pretrained_cfg
 from ..models.meta import meta_parameters
 from ..peft.base import AdapterLayer
+from ..utils.host_memory import HostMemoryRecorder
 from .seeded_init import (FLoRARunner, apply_seeded_init, reseed_after_init, run_init_seed,
                           seeded_init_values)
 
@@ -487,7 +491,12 @@ class FSDPRunner(FLoRARunner):
         if sync_bn is not None:
             from mmengine.model import convert_sync_batchnorm
             model = convert_sync_batchnorm(model, sync_bn)
-        return MODEL_WRAPPERS.build(model_wrapper_cfg, default_args=dict(module=model))
+        wrapped = MODEL_WRAPPERS.build(model_wrapper_cfg, default_args=dict(module=model))
+        self.host_memory = HostMemoryRecorder(reset=False)
+        entry = self.host_memory.record('start')  # peak since the process started
+        self.logger.info(f'FSDP meta_init: model started in shards; peak host RSS of rank '
+                         f'{get_rank()} so far {entry["peak_rss_mib"]:.0f} MiB')
+        return wrapped
 
     def build_optim_wrapper(self, optim_wrapper):
         """A sharded model does its mixed precision in FSDP (``MixedPrecisionPolicy``): an
