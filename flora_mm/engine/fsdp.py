@@ -232,14 +232,18 @@ def check_meta_loadable(model: nn.Module) -> None:
                 "InternViT / ConvNeXtV2) or set model_wrapper_cfg.meta_init=False")
 
 
-def _start_values(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+def _start_values(model: nn.Module, seed: int,
+                  checkpoint_follows: bool = False) -> dict[str, torch.Tensor]:
     """Rank 0 of the sharded start: the complete state of ``model`` (on the meta device) as
     full CPU tensors: the pretrained files read by the backbones' own loaders (same key maps,
     checks and errors as the unsharded start; the loads into the meta model are no-ops and
     are captured instead), the rest by the seed rule, buffers as built."""
     with capture_pretrained() as captured:
         for module in model.modules():
+            # a PEFTBackbone built with load_pretrained=False (tools/test.py: the checkpoint
+            # under test provides every weight) reads no file, as unsharded
             if (hasattr(module, 'load_pretrained') and not getattr(module, 'is_init', False)
+                    and getattr(module, '_flora_load_pretrained', True)
                     and pretrained_cfg(getattr(module, 'init_cfg', None))[0] is not None):
                 init_weights_from_cfg(module)
     names = {id(m): n for n, m in model.named_modules()}
@@ -252,7 +256,14 @@ def _start_values(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
     state = model.state_dict(keep_vars=True)
     params = {n for n, _ in model.named_parameters()}
     uninitialised = [k for k in unwritten if k in params]
-    if uninitialised:
+    if uninitialised and checkpoint_follows:
+        print_log(f'FSDP meta_init: {len(uninitialised)} parameter(s) start at zero until the '
+                  f'checkpoint is loaded (no pretrained file fills them; e.g. '
+                  f'{uninitialised[:3]})', logger='current')
+        for key in uninitialised:
+            values[key] = torch.zeros(tuple(state[key].shape), dtype=state[key].dtype)
+        unwritten = [k for k in unwritten if k not in params]
+    elif uninitialised:
         raise ValueError(
             f'FSDP meta_init: {len(uninitialised)} parameter(s) get no value: no pretrained '
             f'file fills them and their module has no initialiser (reset_parameters, '
@@ -263,7 +274,8 @@ def _start_values(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
     return values
 
 
-def meta_start(model: nn.Module, seed: int | None, **shard_options) -> nn.Module:
+def meta_start(model: nn.Module, seed: int | None, checkpoint_follows: bool = False,
+               **shard_options) -> nn.Module:
     """The sharded start of a model whose parameters are on the meta device
     (``flora_mm.models.meta.meta_parameters``): no rank ever holds the whole model.
 
@@ -283,7 +295,7 @@ def meta_start(model: nn.Module, seed: int | None, **shard_options) -> nn.Module
     values, error = {}, None
     if get_rank() == 0:
         try:
-            values = _start_values(model, seed)
+            values = _start_values(model, seed, checkpoint_follows)
         except Exception as err:  # noqa: BLE001 (re-raised below, and named on every rank)
             error = err
     message = [None if error is None else f'{type(error).__name__}: {error}']
@@ -328,13 +340,18 @@ class FullyShardedModel(nn.Module):
         init_seed: the run seed of the seed rule (``flora_mm/engine/seeded_init.py``);
             :class:`FSDPRunner` passes its own. None: no re-initialisation (the model's
             ``init_weights()`` values; the meta-device start needs a seed).
+        checkpoint_follows: a checkpoint is loaded into the model right after (``load_from``,
+            ``tools/test.py``): the meta-device start zero-fills parameters that nothing else
+            initialises (the backbone of a test run, which reads no pretrained file) instead
+            of refusing them.
     """
 
     def __init__(self, module: nn.Module, units: Sequence[str] | None = None,
                  activation_checkpointing: bool = False,
                  param_dtype: str | None = None, reduce_dtype: str | None = 'float32',
                  reshard_after_forward: bool = True, init_before_sharding: bool = True,
-                 meta_init: bool = False, init_seed: int | None = None) -> None:
+                 meta_init: bool = False, init_seed: int | None = None,
+                 checkpoint_follows: bool = False) -> None:
         super().__init__()
         options = dict(units=units, activation_checkpointing=activation_checkpointing,
                        param_dtype=param_dtype, reduce_dtype=reduce_dtype,
@@ -344,7 +361,8 @@ class FullyShardedModel(nn.Module):
             if not init_before_sharding:
                 raise ValueError('FSDP: a model built on the meta device must be initialised '
                                  'by the wrapper (init_before_sharding=True)')
-            self.module = meta_start(module, init_seed, **options)
+            self.module = meta_start(module, init_seed, checkpoint_follows=checkpoint_follows,
+                                     **options)
         else:
             if init_before_sharding and hasattr(module, 'init_weights'):
                 module.init_weights()
@@ -483,19 +501,24 @@ class FSDPRunner(FLoRARunner):
                 self.logger.info('FSDP: the config\'s bf16 AMP -> FSDP bf16 compute of the '
                                  'blocks (param_dtype=bfloat16)')
         if not any(p.is_meta for p in model.parameters()):
-            return super().wrap_model(model_wrapper_cfg, model)
-        # the meta-device start: mmengine's wrap_model would first move the model to the
-        # device (``model.to``), which cannot copy meta tensors; FullyShardedModel allocates
-        # the shards on the device itself (to_empty)
-        sync_bn = self.cfg.get('sync_bn', None)
-        if sync_bn is not None:
-            from mmengine.model import convert_sync_batchnorm
-            model = convert_sync_batchnorm(model, sync_bn)
-        wrapped = MODEL_WRAPPERS.build(model_wrapper_cfg, default_args=dict(module=model))
-        self.host_memory = HostMemoryRecorder(reset=False)
-        entry = self.host_memory.record('start')  # peak since the process started
-        self.logger.info(f'FSDP meta_init: model started in shards; peak host RSS of rank '
-                         f'{get_rank()} so far {entry["peak_rss_mib"]:.0f} MiB')
+            wrapped = super().wrap_model(model_wrapper_cfg, model)
+        else:
+            # the meta-device start: mmengine's wrap_model would first move the model to the
+            # device (``model.to``), which cannot copy meta tensors; FullyShardedModel
+            # allocates the shards on the device itself (to_empty). A checkpoint loaded next
+            # (load_from, tools/test.py) may provide what no pretrained file does.
+            model_wrapper_cfg.setdefault('checkpoint_follows', bool(self._load_from))
+            sync_bn = self.cfg.get('sync_bn', None)
+            if sync_bn is not None:
+                from mmengine.model import convert_sync_batchnorm
+                model = convert_sync_batchnorm(model, sync_bn)
+            wrapped = MODEL_WRAPPERS.build(model_wrapper_cfg, default_args=dict(module=model))
+        if is_fully_sharded(wrapped):
+            self.host_memory = HostMemoryRecorder(reset=False)
+            entry = self.host_memory.record('start')  # peak since the process started
+            start = 'meta-device' if wrapped.meta_init else 'gathered'
+            self.logger.info(f'FSDP: model started in shards ({start} start); peak host RSS '
+                             f'of rank {get_rank()} so far {entry["peak_rss_mib"]:.0f} MiB')
         return wrapped
 
     def build_optim_wrapper(self, optim_wrapper):

@@ -74,6 +74,7 @@ def build_peft_backbone(backbone: dict, peft: dict, load_pretrained: bool = True
     on_meta = any(p.is_meta for p in inner.parameters())
     if load_pretrained and hasattr(inner, 'init_weights') and not on_meta:
         inner.init_weights()
+    inner._flora_load_pretrained = load_pretrained  # the meta-device start reads it only then
     names = method.inject(inner)
     if hasattr(inner, 'init_weights'):
         inner.init_weights = types.MethodType(_init_then_reset, inner)
