@@ -8,6 +8,10 @@
 #   tensors; heads and necks in the root unit.
 #   param_dtype=None keeps each parameter's dtype for compute (bf16 frozen base, fp32 adapters);
 #   'bfloat16' computes the blocks in bf16 over fp32 master weights (Full fine-tuning).
+# - Seed rule (both starts, and one process / DDP through FLoRARunner): tensors no pretrained
+#   file fills (adapters, heads, FPN) are initialised per module from a seed derived from the
+#   run seed and the module's name, so a seeded run starts from the same weights whatever the
+#   strategy (flora_mm/engine/seeded_init.py).
 # - FSDPRunner: complete (gathered) checkpoints written by rank 0, loaded into the shards; an
 #   AmpOptimWrapper becomes a plain OptimWrapper (FSDP does the mixed precision).
 runner_type = 'FSDPRunner'
@@ -17,4 +21,9 @@ model_wrapper_cfg = dict(
     activation_checkpointing=False,  # the backbones' own with_cp does it per block
     param_dtype=None,
     reduce_dtype='float32',
-    reshard_after_forward=True)
+    reshard_after_forward=True,
+    # the sharded start: parameters built on the meta device, sharded, allocated per shard,
+    # pretrained files read on rank 0 and broadcast into the shards (no rank holds the whole
+    # model). False: the gathered start (every rank builds and initialises the whole model,
+    # rank 0's values are broadcast, then it is sharded); both give the same weights.
+    meta_init=True)

@@ -25,11 +25,13 @@ from .model import is_flora_hook
 
 
 def build_runner(cfg: Config) -> Runner:
-    """The default Runner, or ``runner_type`` from the registry when the config names one."""
+    """flora_mm's Runner (mmengine's + the seed rule, ``FLoRARunner``), or ``runner_type``
+    from the registry when the config names one."""
+    from ..engine.seeded_init import FLoRARunner
     adapt_to_cpu_distributed(cfg)
     init_cpu_process_group(cfg)
     if 'runner_type' not in cfg:
-        return Runner.from_cfg(cfg)
+        return FLoRARunner.from_cfg(cfg)
     return RUNNERS.build(cfg)
 
 

@@ -33,6 +33,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     train(args.config, work_dir=args.work_dir, resume=args.resume, amp=args.amp,
           auto_scale_lr=args.auto_scale_lr, cfg_options=args.cfg_options,
           launcher=args.launcher)
+    # leave the process group together: a gloo rank that exits while another still holds the
+    # connection aborted now and then ("terminate called without an active exception", rc -6)
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == '__main__':

@@ -9,8 +9,12 @@ Two registered pieces, switched on by ``configs/_base_/fsdp.py`` (any leaf confi
 fragment = its sharded variant; no new command-line arguments):
 
 - ``model_wrapper_cfg=dict(type='FullyShardedModel', ...)`` (``MODEL_WRAPPERS``): the Runner's
-  own route for distributed wrappers. It initialises the model (pretrained weights, adapters)
-  while it is still whole, makes the ranks equal (as DDP does), then calls ``fully_shard`` on
+  own route for distributed wrappers. With ``meta_init=True`` (configs/_base_/fsdp.py) the
+  Runner built the parameters on the meta device and it starts the model shard by shard
+  (:func:`meta_start`: rank 0 reads the pretrained files, the rest follows the seed rule of
+  ``seeded_init.py``, broadcast into the shards). Otherwise it initialises the model
+  (pretrained weights, adapters) while it is still whole, makes the ranks equal (as DDP
+  does). Either way it calls ``fully_shard`` on
   one unit per InternViT block / ConvNeXt-V2 block (+ the stem / patch embedding) and on the
   root. Optional composable (non-reentrant) activation checkpointing per unit, and a
   ``MixedPrecisionPolicy``. Without ``--launcher`` the Runner does not wrap at all: the same
@@ -41,14 +45,18 @@ from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.optim import OptimWrapper
 from mmengine.registry import MODEL_WRAPPERS, RUNNERS
-from mmengine.runner import Runner
 from mmengine.runner.checkpoint import _load_checkpoint, save_checkpoint
 from mmengine.utils import apply_to
 from torch import nn
 
 from ..dist import gather_full
 from ..models import describe
+from ..models._checkpoint import capture_pretrained, init_weights_from_cfg, pretrained_cfg
+from ..models.meta import meta_parameters
 from ..peft.base import AdapterLayer
+from ..utils.host_memory import HostMemoryRecorder
+from .seeded_init import (FLoRARunner, apply_seeded_init, reseed_after_init, run_init_seed,
+                          seeded_init_values)
 
 _DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16,
            None: None}
@@ -210,6 +218,109 @@ def shard_model(model: nn.Module, *, units: Sequence[str] | None = None,
     return model
 
 
+def check_meta_loadable(model: nn.Module) -> None:
+    """The sharded start reads pretrained files through flora_mm's loaders only (the backbones'
+    ``load_pretrained``: key maps, conversions, safety rules); a module asking mmengine's
+    ``PretrainedInit`` would load into nothing. Raise naming it."""
+    for name, module in model.named_modules():
+        pretrained, _ = pretrained_cfg(getattr(module, 'init_cfg', None))
+        if pretrained is not None and not hasattr(module, 'load_pretrained'):
+            raise ValueError(
+                f'FSDP meta_init: {name or type(module).__name__} ({type(module).__name__}) '
+                "loads init_cfg=dict(type='Pretrained') through mmengine, which cannot fill a "
+                'model built on the meta device. Use a flora_mm backbone (PEFTBackbone / '
+                "InternViT / ConvNeXtV2) or set model_wrapper_cfg.meta_init=False")
+
+
+def _start_values(model: nn.Module, seed: int,
+                  checkpoint_follows: bool = False) -> dict[str, torch.Tensor]:
+    """Rank 0 of the sharded start: the complete state of ``model`` (on the meta device) as
+    full CPU tensors: the pretrained files read by the backbones' own loaders (same key maps,
+    checks and errors as the unsharded start; the loads into the meta model are no-ops and
+    are captured instead), the rest by the seed rule, buffers as built."""
+    with capture_pretrained() as captured:
+        for module in model.modules():
+            # a PEFTBackbone built with load_pretrained=False (tools/test.py: the checkpoint
+            # under test provides every weight) reads no file, as unsharded
+            if (hasattr(module, 'load_pretrained') and not getattr(module, 'is_init', False)
+                    and getattr(module, '_flora_load_pretrained', True)
+                    and pretrained_cfg(getattr(module, 'init_cfg', None))[0] is not None):
+                init_weights_from_cfg(module)
+    names = {id(m): n for n, m in model.named_modules()}
+    values: dict[str, torch.Tensor] = {}
+    for module, tensors in captured:
+        prefix = f'{names[id(module)]}.' if names[id(module)] else ''
+        values.update((prefix + k, v) for k, v in tensors.items())
+    seeded, unwritten = seeded_init_values(model, seed, set(values), values.__getitem__)
+    values.update(seeded)
+    state = model.state_dict(keep_vars=True)
+    params = {n for n, _ in model.named_parameters()}
+    uninitialised = [k for k in unwritten if k in params]
+    if uninitialised and checkpoint_follows:
+        print_log(f'FSDP meta_init: {len(uninitialised)} parameter(s) start at zero until the '
+                  f'checkpoint is loaded (no pretrained file fills them; e.g. '
+                  f'{uninitialised[:3]})', logger='current')
+        for key in uninitialised:
+            values[key] = torch.zeros(tuple(state[key].shape), dtype=state[key].dtype)
+        unwritten = [k for k in unwritten if k not in params]
+    elif uninitialised:
+        raise ValueError(
+            f'FSDP meta_init: {len(uninitialised)} parameter(s) get no value: no pretrained '
+            f'file fills them and their module has no initialiser (reset_parameters, '
+            f'init_weights, the backbone\'s init_new_module): {uninitialised[:8]}. Load them '
+            'from a pretrained file, or set model_wrapper_cfg.meta_init=False')
+    for key in unwritten:  # buffers built on the CPU (meta_parameters): their built values
+        values[key] = state[key].detach()
+    return values
+
+
+def meta_start(model: nn.Module, seed: int | None, checkpoint_follows: bool = False,
+               **shard_options) -> nn.Module:
+    """The sharded start of a model whose parameters are on the meta device
+    (``flora_mm.models.meta.meta_parameters``): no rank ever holds the whole model.
+
+    Order (torchtitan's, torch's FSDP2 docs): rank 0 computes the start values one source at a
+    time (:func:`_start_values`: pretrained files + the seed rule; while the model is still
+    meta, because broadcasting into meta tensors fails and the rule needs whole modules),
+    ``fully_shard`` per unit on the meta parameters, ``to_empty`` allocates this rank's shards
+    (uninitialised memory, buffers included), the buffers built on the CPU are copied back
+    (non-persistent ones are in no state dict), then ``set_model_state_dict(...,
+    broadcast_from_rank0=True)`` sends every tensor from rank 0 and each rank keeps its shard.
+    An error on rank 0 (a bad pretrained file) is raised on every rank.
+    """
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+    if seed is None:
+        raise ValueError('FSDP meta_init needs the run seed (init_seed) for the seed rule')
+    check_meta_loadable(model)
+    values, error = {}, None
+    if get_rank() == 0:
+        try:
+            values = _start_values(model, seed, checkpoint_follows)
+        except Exception as err:  # noqa: BLE001 (re-raised below, and named on every rank)
+            error = err
+    message = [None if error is None else f'{type(error).__name__}: {error}']
+    broadcast_object_list(message, src=0)
+    if error is not None:
+        raise error
+    if message[0] is not None:
+        raise RuntimeError(f'FSDP meta_init: rank 0 could not prepare the start: {message[0]}')
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    shard_model(model, sync_module_states=False, **shard_options)
+    device = (torch.device('cuda', torch.cuda.current_device()) if torch.cuda.is_available()
+              else torch.device('cpu'))
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, buffer in buffers.items():
+            model.get_buffer(name).copy_(buffer)
+    set_model_state_dict(model, values,
+                         options=_options(full_state_dict=True, broadcast_from_rank0=True))
+    del values
+    for module in model.modules():  # initialised: the Runner must not run init_weights again
+        if hasattr(module, '_is_init'):
+            module._is_init = True
+    return model
+
+
 @MODEL_WRAPPERS.register_module()
 class FullyShardedModel(nn.Module):
     """mmengine model wrapper around an FSDP2-sharded model (``model_wrapper_cfg``).
@@ -223,19 +334,40 @@ class FullyShardedModel(nn.Module):
             see :func:`shard_model`.
         init_before_sharding: run ``module.init_weights()`` while the model is whole (mmengine
             would run it after wrapping, on shards); :class:`FSDPRunner` skips its own call.
+        meta_init: the sharded start (:class:`FSDPRunner` builds the model's parameters on the
+            meta device, see :func:`meta_start`); a module that arrives with real parameters
+            takes the gathered path (init whole, broadcast, shard) whatever this says.
+        init_seed: the run seed of the seed rule (``flora_mm/engine/seeded_init.py``);
+            :class:`FSDPRunner` passes its own. None: no re-initialisation (the model's
+            ``init_weights()`` values; the meta-device start needs a seed).
+        checkpoint_follows: a checkpoint is loaded into the model right after (``load_from``,
+            ``tools/test.py``): the meta-device start zero-fills parameters that nothing else
+            initialises (the backbone of a test run, which reads no pretrained file) instead
+            of refusing them.
     """
 
     def __init__(self, module: nn.Module, units: Sequence[str] | None = None,
                  activation_checkpointing: bool = False,
                  param_dtype: str | None = None, reduce_dtype: str | None = 'float32',
-                 reshard_after_forward: bool = True, init_before_sharding: bool = True) -> None:
+                 reshard_after_forward: bool = True, init_before_sharding: bool = True,
+                 meta_init: bool = False, init_seed: int | None = None,
+                 checkpoint_follows: bool = False) -> None:
         super().__init__()
-        if init_before_sharding and hasattr(module, 'init_weights'):
-            module.init_weights()
-        self.module = shard_model(module, units=units,
-                                  activation_checkpointing=activation_checkpointing,
-                                  param_dtype=param_dtype, reduce_dtype=reduce_dtype,
-                                  reshard_after_forward=reshard_after_forward)
+        options = dict(units=units, activation_checkpointing=activation_checkpointing,
+                       param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+                       reshard_after_forward=reshard_after_forward)
+        self.meta_init = any(p.is_meta for p in module.parameters())
+        if self.meta_init:
+            if not init_before_sharding:
+                raise ValueError('FSDP: a model built on the meta device must be initialised '
+                                 'by the wrapper (init_before_sharding=True)')
+            self.module = meta_start(module, init_seed, checkpoint_follows=checkpoint_follows,
+                                     **options)
+        else:
+            if init_before_sharding and hasattr(module, 'init_weights'):
+                module.init_weights()
+                apply_seeded_init(module, init_seed)
+            self.module = shard_model(module, **options)
         self.units = shard_units(module, units)
 
     # -- mmengine's model interface ----------------------------------------------------------
@@ -294,16 +426,60 @@ def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
                                     options=_options(full_state_dict=True, cpu_offload=True))
 
 
+def _wraps_fully_sharded(model_wrapper_cfg) -> bool:
+    return (isinstance(model_wrapper_cfg, dict)
+            and str(model_wrapper_cfg.get('type', '')).endswith('FullyShardedModel'))
+
+
+def _reads_at_construction(cfg: Any) -> list[str]:
+    """Config keys that make a module read weights while it is built (OpenMMLab's
+    ``pretrained=PATH``, timm's ``pretrained=True``): a meta-device build would drop them."""
+    found = []
+    if isinstance(cfg, dict):
+        for key, value in cfg.items():
+            if key == 'pretrained' and value:
+                found.append(f'pretrained={value!r}')
+            found += _reads_at_construction(value)
+    elif isinstance(cfg, (list, tuple)):
+        for value in cfg:
+            found += _reads_at_construction(value)
+    return found
+
+
 @RUNNERS.register_module()
-class FSDPRunner(Runner):
+class FSDPRunner(FLoRARunner):
     """mmengine's Runner with checkpoint I/O for FSDP2-sharded models (see module docstring).
 
-    Without sharding (no launcher, or another wrapper) it is mmengine's Runner unchanged.
+    Without sharding (no launcher, or another wrapper) it is ``FLoRARunner`` (mmengine's Runner
+    + the seed rule) unchanged. With ``model_wrapper_cfg.meta_init=True`` (the default of
+    configs/_base_/fsdp.py) a distributed run builds the model's parameters on the meta device
+    and ``FullyShardedModel`` starts it shard by shard (``meta_start``).
     """
+
+    def _meta_init_wanted(self) -> bool:
+        cfg = self.cfg.get('model_wrapper_cfg')
+        return (self.distributed and _wraps_fully_sharded(cfg)
+                and bool(cfg.get('meta_init', False)))
+
+    def build_model(self, model):
+        if not (isinstance(model, dict) and self._meta_init_wanted()):
+            return super().build_model(model)
+        reads = _reads_at_construction(model)
+        if reads:
+            raise ValueError(f'FSDP meta_init: the model config reads weights while it is '
+                             f'built ({", ".join(reads)}), which a meta-device build would '
+                             "drop. Use init_cfg=dict(type='Pretrained', checkpoint=...) on a "
+                             'flora_mm backbone, or set model_wrapper_cfg.meta_init=False')
+        with meta_parameters():
+            built = super().build_model(model)
+        self.logger.info('FSDP meta_init: model parameters built on the meta device')
+        return built
 
     def _init_model_weights(self) -> None:
         if is_fully_sharded(self.model):
-            return  # FullyShardedModel initialised the whole model before sharding
+            # FullyShardedModel initialised the model before / while sharding
+            reseed_after_init(self)
+            return
         super()._init_model_weights()
 
     def wrap_model(self, model_wrapper_cfg, model):
@@ -312,8 +488,10 @@ class FSDPRunner(Runner):
         sharded run computes in the precision the leaf config asked for. (fp16 AMP is not
         carried over: without its loss scaler fp16 gradients underflow; the run computes in
         the parameters' own dtype then.)"""
-        if (isinstance(model_wrapper_cfg, dict)
-                and str(model_wrapper_cfg.get('type', '')).endswith('FullyShardedModel')
+        if _wraps_fully_sharded(model_wrapper_cfg) and self.distributed:
+            model_wrapper_cfg = copy.deepcopy(model_wrapper_cfg)
+            model_wrapper_cfg.setdefault('init_seed', run_init_seed(self))  # the seed rule
+        if (_wraps_fully_sharded(model_wrapper_cfg)
                 and model_wrapper_cfg.get('param_dtype') is None):
             optim = self.cfg.get('optim_wrapper', None) or {}
             if (optim.get('type') == 'AmpOptimWrapper'
@@ -322,7 +500,26 @@ class FSDPRunner(Runner):
                 model_wrapper_cfg['param_dtype'] = 'bfloat16'
                 self.logger.info('FSDP: the config\'s bf16 AMP -> FSDP bf16 compute of the '
                                  'blocks (param_dtype=bfloat16)')
-        return super().wrap_model(model_wrapper_cfg, model)
+        if not any(p.is_meta for p in model.parameters()):
+            wrapped = super().wrap_model(model_wrapper_cfg, model)
+        else:
+            # the meta-device start: mmengine's wrap_model would first move the model to the
+            # device (``model.to``), which cannot copy meta tensors; FullyShardedModel
+            # allocates the shards on the device itself (to_empty). A checkpoint loaded next
+            # (load_from, tools/test.py) may provide what no pretrained file does.
+            model_wrapper_cfg.setdefault('checkpoint_follows', bool(self._load_from))
+            sync_bn = self.cfg.get('sync_bn', None)
+            if sync_bn is not None:
+                from mmengine.model import convert_sync_batchnorm
+                model = convert_sync_batchnorm(model, sync_bn)
+            wrapped = MODEL_WRAPPERS.build(model_wrapper_cfg, default_args=dict(module=model))
+        if is_fully_sharded(wrapped):
+            self.host_memory = HostMemoryRecorder(reset=False)
+            entry = self.host_memory.record('start')  # peak since the process started
+            start = 'meta-device' if wrapped.meta_init else 'gathered'
+            self.logger.info(f'FSDP: model started in shards ({start} start); peak host RSS '
+                             f'of rank {get_rank()} so far {entry["peak_rss_mib"]:.0f} MiB')
+        return wrapped
 
     def build_optim_wrapper(self, optim_wrapper):
         """A sharded model does its mixed precision in FSDP (``MixedPrecisionPolicy``): an

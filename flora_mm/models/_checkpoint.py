@@ -13,12 +13,14 @@ outputs depend on left uninitialised) is a :class:`PretrainedLoadError` naming t
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+import warnings
 from collections.abc import Callable
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -44,6 +46,33 @@ PRETRAINED_KEYS = ('type', 'checkpoint', 'prefix', 'map_location', 'allow_shape_
                    'min_loaded_share')
 #: default least share (by element count) of the backbone's pretrained tensors a file must fill
 DEFAULT_MIN_LOADED_SHARE = 0.5
+
+
+#: while :func:`capture_pretrained` runs: (module, {key: tensor}) per load_by_keys call
+_CAPTURED: Optional[List[Tuple[nn.Module, Dict[str, torch.Tensor]]]] = None
+
+
+@contextlib.contextmanager
+def capture_pretrained() -> Iterator[List[Tuple[nn.Module, Dict[str, torch.Tensor]]]]:
+    """Collect what :func:`load_by_keys` loads (after key maps, conversions and every check),
+    per module: the sharded start runs the backbones' own loaders on a meta-device model on
+    rank 0 and broadcasts the captured tensors into the shards."""
+    global _CAPTURED
+    previous, _CAPTURED = _CAPTURED, []
+    try:
+        yield _CAPTURED
+    finally:
+        _CAPTURED = previous
+
+
+def loaded_keys(model: nn.Module) -> set:
+    """State-dict keys of ``model`` that a pretrained file filled (through
+    :func:`load_by_keys`), with their module's prefix."""
+    keys = set()
+    for name, module in model.named_modules():
+        prefix = f'{name}.' if name else ''
+        keys.update(prefix + k for k in getattr(module, '_flora_loaded_keys', ()))
+    return keys
 
 
 class PretrainedLoadError(CheckpointError):
@@ -256,7 +285,14 @@ def load_by_keys(module: nn.Module, sd: Dict[str, torch.Tensor], name: str,
             f'{name}: no tensor of the file matches the model (file keys: '
             f'{_short(sorted(sd), 5)}; model keys: {_short(sorted(own), 5)}). Another model, '
             "or a detector/segmentor checkpoint that needs prefix='backbone.'?")
-    result = module.load_state_dict(sd, strict=False)
+    with warnings.catch_warnings():  # a meta-device model (sharded start): copies are no-ops
+        warnings.filterwarnings('ignore', message='.*copying from a non-meta parameter')
+        result = module.load_state_dict(sd, strict=False)
+    # which keys the file filled: the seed rule initialises every other tensor
+    # (flora_mm/engine/seeded_init.py); the sharded start takes the tensors themselves
+    module._flora_loaded_keys = tuple(loaded)
+    if _CAPTURED is not None:
+        _CAPTURED.append((module, {k: sd[k] for k in loaded}))
     missing = list(result.missing_keys) + mismatched
     unexpected = list(result.unexpected_keys)
     expected_keys = [k for k in missing if expected(k)]

@@ -169,11 +169,22 @@ class InternViT(BaseModule):
             self.up3 = nn.Sequential(nn.Identity(), final_norm())
             self.up4 = nn.Sequential(nn.MaxPool2d(kernel_size=2, stride=2), final_norm())
             for m in self.modules():
-                if isinstance(m, nn.ConvTranspose2d):  # InternVL's fan-out normal init
-                    fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                    nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
-                    nn.init.zeros_(m.bias)
+                if isinstance(m, nn.ConvTranspose2d):
+                    self.init_new_module(m)
         self.out_channels = [embed_dim] * len(self.out_indices)
+
+    @staticmethod
+    @torch.no_grad()
+    def init_new_module(module: nn.Module) -> None:
+        """Initialise a module the pretrained file does not fill (the simple FPN): InternVL's
+        fan-out normal init for its deconvolutions, torch's ``reset_parameters`` otherwise.
+        The seed rule (``flora_mm/engine/seeded_init.py``) calls it per module."""
+        if isinstance(module, nn.ConvTranspose2d):
+            fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
+            nn.init.normal_(module.weight, 0, math.sqrt(2.0 / fan_out))
+            nn.init.zeros_(module.bias)
+        elif hasattr(module, 'reset_parameters'):
+            module.reset_parameters()
 
     @property
     def grid_size(self) -> Tuple[int, int]:

@@ -68,3 +68,23 @@ def meta_device() -> Iterator[None]:
             yield
     finally:
         handle.remove()
+
+
+@contextlib.contextmanager
+def meta_parameters() -> Iterator[None]:
+    """``with meta_parameters(): model = MODELS.build(cfg)``: every *parameter* goes to the
+    meta device as its module registers it; everything else (buffers, schedules, indices, a
+    data preprocessor's mean/std) is built on the CPU as usual.
+
+    The sharded start (``FullyShardedModel(meta_init=True)``) builds with this rather than
+    :func:`meta_device`: after ``to_empty`` every tensor is uninitialised memory, and
+    non-persistent buffers (not in any state dict, so no checkpoint restores them) would stay
+    garbage. Built on the CPU they can be copied back after ``to_empty``; they are small.
+    A parameter exists on the CPU only between its creation and its registration (one tensor
+    at a time, uninitialised ``torch.empty`` in torch's layers).
+    """
+    handle = register_module_parameter_registration_hook(_parameter_to_meta)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -69,8 +69,12 @@ def build_peft_backbone(backbone: dict, peft: dict, load_pretrained: bool = True
     build_peft_method(peft)  # validate before building anything large
     inner = MODELS.build(backbone if load_pretrained else without_weights(backbone))
     method = build_peft_method(with_saved_modules(peft, inner, modules_to_save))
-    if load_pretrained and hasattr(inner, 'init_weights'):
+    # built on the meta device (the sharded start): nothing to load into; the pretrained file is
+    # read once on rank 0 after sharding (FullyShardedModel(meta_init=True))
+    on_meta = any(p.is_meta for p in inner.parameters())
+    if load_pretrained and hasattr(inner, 'init_weights') and not on_meta:
         inner.init_weights()
+    inner._flora_load_pretrained = load_pretrained  # the meta-device start reads it only then
     names = method.inject(inner)
     if hasattr(inner, 'init_weights'):
         inner.init_weights = types.MethodType(_init_then_reset, inner)
