@@ -92,3 +92,13 @@ def test_peak_rss_helper():
     if reset_peak_rss():
         del block
         assert peak_rss_bytes() <= before + 64 * 2 ** 20
+
+
+def test_resume_seed_read_from_a_dcp_directory(tmp_path):
+    from mmengine.config import Config
+
+    from flora_mm.apis.runner import restore_run_seed
+    _write(tmp_path / 'iter_4.pth')
+    cfg = Config(dict(resume=True, load_from=str(tmp_path / 'iter_4.pth'), work_dir=str(tmp_path)))
+    restore_run_seed(cfg)
+    assert cfg.randomness['seed'] == 7
