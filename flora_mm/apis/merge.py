@@ -297,7 +297,7 @@ def merge(config: str, checkpoint: str, out: str, adapter: bool = False,
     """
     check_out_path(out)
     out_cfg = out_config_path(out)
-    if not osp.isfile(checkpoint):
+    if not osp.exists(checkpoint):  # a file, or a DCP checkpoint directory
         raise MergeError(f'checkpoint not found: {checkpoint}')
     for path in (out, out_cfg):
         if osp.exists(path) and not force:

@@ -16,7 +16,7 @@ from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-from ..checkpoint import (CheckpointError, find_resumable_checkpoint, load_checkpoint_file,
+from ..checkpoint import (CheckpointError, find_resumable_checkpoint, load_checkpoint_meta,
                           mmengine_checkpoint_globals)
 from ..utils import config_dicts
 from .config import (adapt_to_cpu_distributed, get_scope, init_cpu_process_group,
@@ -87,7 +87,7 @@ def restore_run_seed(cfg: Config) -> None:
     cfg.load_from = path
     try:
         with mmengine_checkpoint_globals():
-            meta = load_checkpoint_file(path, mmap=True).get('meta') or {}
+            meta = load_checkpoint_meta(path)  # a file: mmapped; a DCP directory: its extra
     except (CheckpointError, OSError, AttributeError):
         return  # the Runner's own load reports what is wrong with the file
     seed = meta.get('seed') if isinstance(meta, dict) else None
@@ -203,7 +203,7 @@ def use_checkpoint(cfg: Config, checkpoint: str) -> None:
     (FLoRAHook checks on load that the file does hold every tensor, finite, with its shape);
     an adapter file (``*.safetensors``) is loaded by FLoRAHook onto the pretrained base, whose
     fingerprint must match the one recorded with the adapters."""
-    if not osp.isfile(checkpoint):
+    if not osp.exists(checkpoint):  # a file, or a DCP checkpoint directory
         raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
     hooks = [h for h in cfg.get('custom_hooks', None) or [] if is_flora_hook(h)]
     if checkpoint.endswith('.safetensors'):

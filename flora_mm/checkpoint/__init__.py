@@ -2,7 +2,10 @@
 (``safe_load``), plain values (``plain``), atomic files and resumable checkpoints (``files``),
 fit checks (``fit``) and the random state (``rng``). It sits below every other floor of the
 package (it knows tensors and files, not PEFT methods or models)."""
-from .files import (ATOMIC_BACKEND, AtomicLocalBackend, add_companions, discard_companions,
+from .dcp import (dcp_unreadable_reason, is_dcp_checkpoint, load_dcp_checkpoint,
+                  write_dcp_checkpoint)
+from .files import (ATOMIC_BACKEND, AtomicLocalBackend, add_companions, commit_companions,
+                    discard_companions,
                     find_resumable_checkpoint, point_last_checkpoint, remove_stale_temporaries,
                     unreadable_reason)
 from .fit import (check_finite, check_keys, check_types, describe_changes, non_finite_tensors,
@@ -10,11 +13,14 @@ from .fit import (check_finite, check_keys, check_types, describe_changes, non_f
 from .plain import CKPT_KEY, plain_checkpoint, restore_message_hub, to_plain
 from .rng import rng_state, set_rng_state
 from .safe_load import (CheckpointError, UnsafeCheckpointError, load_checkpoint_file,
-                        load_tensor_file, mmengine_checkpoint_globals, mmengine_safe_globals,
+                        load_checkpoint_meta, load_tensor_file, mmengine_checkpoint_globals,
+                        mmengine_safe_globals,
                         safe_load_from_local)
 
 __all__ = [
-    'ATOMIC_BACKEND', 'AtomicLocalBackend', 'add_companions', 'discard_companions',
+    'ATOMIC_BACKEND', 'AtomicLocalBackend', 'add_companions', 'commit_companions',
+    'discard_companions', 'dcp_unreadable_reason', 'is_dcp_checkpoint', 'load_dcp_checkpoint',
+    'write_dcp_checkpoint', 'load_checkpoint_meta',
     'find_resumable_checkpoint', 'point_last_checkpoint', 'remove_stale_temporaries',
     'unreadable_reason', 'check_finite', 'check_keys', 'check_types', 'describe_changes',
     'non_finite_tensors', 'shape_mismatches', 'state_dict_of', 'CKPT_KEY', 'plain_checkpoint',

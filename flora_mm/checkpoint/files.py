@@ -16,6 +16,7 @@ import logging
 import os
 import os.path as osp
 import re
+import shutil
 import threading
 import zipfile
 from typing import Callable
@@ -62,10 +63,15 @@ class AtomicLocalBackend(LocalBackend):
         except BaseException:
             discard_companions(path)
             raise
-        with _lock:
-            pending = _companions.pop(osp.abspath(path), [])
-        for tmp, final in pending:
-            os.replace(tmp, final)
+        commit_companions(path)
+
+
+def commit_companions(checkpoint_path: str) -> None:
+    """Rename the files waiting for ``checkpoint_path`` into place (it was just written)."""
+    with _lock:
+        pending = _companions.pop(osp.abspath(checkpoint_path), [])
+    for tmp, final in pending:
+        os.replace(tmp, final)
 
 
 # registered under its own name only: nothing changes for code that does not ask for it
@@ -73,17 +79,21 @@ register_backend(ATOMIC_BACKEND, AtomicLocalBackend, force=True)
 
 
 def remove_stale_temporaries(directory: str) -> list[str]:
-    """Delete the temporary files a killed save left in ``directory`` (``atomic_paths``'
-    ``.tmp-*`` names); returns them. Call only where no save of this run is under way."""
+    """Delete the temporary files (and DCP checkpoint directories) a killed save left in
+    ``directory`` (``.tmp-*`` names); returns them. Call only where no save of this run is
+    under way."""
     stale = sorted(glob.glob(osp.join(glob.escape(directory), f'{TMP_PREFIX}*')))
     for path in stale:
-        if osp.isfile(path):
+        if osp.isdir(path) and not osp.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif osp.isfile(path):
             os.remove(path)
     return stale
 
 
 def _checkpoint_candidates(work_dir: str) -> list[str]:
-    """Regular checkpoints in ``work_dir``, newest first (by epoch/iter number, then mtime)."""
+    """Regular checkpoints in ``work_dir`` (files, or DCP directories of the same name), newest
+    first (by epoch/iter number, then mtime)."""
     found = []
     for path in glob.glob(osp.join(glob.escape(work_dir), '*.pth')):
         match = re.fullmatch(r'(epoch|iter)_(\d+)\.pth', osp.basename(path))
@@ -97,7 +107,11 @@ def unreadable_reason(path: str) -> str | None:
 
     torch writes a zip archive whose directory sits at the very end, so a truncated file has
     none; opening the archive reads only that directory (cheap for any checkpoint size).
+    A DCP checkpoint directory: :func:`~flora_mm.checkpoint.dcp.dcp_unreadable_reason`.
     """
+    if osp.isdir(path):
+        from .dcp import dcp_unreadable_reason
+        return dcp_unreadable_reason(path)
     if not osp.isfile(path):
         return 'no such file'
     try:

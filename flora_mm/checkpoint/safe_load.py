@@ -106,8 +106,14 @@ def load_checkpoint_file(path: str, map_location: Any = 'cpu', mmap: bool = Fals
     - a global outside the allowed list (torch's, plus :func:`mmengine_safe_globals` inside
       :func:`mmengine_checkpoint_globals`): :class:`UnsafeCheckpointError`;
     - truncated or corrupt file: :class:`CheckpointError`.
+
+    A directory is read as a DCP checkpoint (``flora_mm.checkpoint.dcp``): the same dict as
+    the gathered file, assembled in this process.
     """
     path = osp.expanduser(os.fspath(path))
+    if osp.isdir(path):
+        from .dcp import load_dcp_checkpoint
+        return load_dcp_checkpoint(path, map_location)
     if not osp.isfile(path):
         raise FileNotFoundError(f'{path} can not be found.')
     try:
@@ -145,3 +151,16 @@ def load_tensor_file(path: str, map_location: Any = 'cpu') -> Mapping:
     except Exception as err:  # noqa: BLE001  (safetensors raises its own error types)
         raise CheckpointError(f'cannot read {path} (truncated or corrupt?): '
                               f'{type(err).__name__}: {err}') from err
+
+
+def load_checkpoint_meta(path: str) -> dict:
+    """Only the ``meta`` of a checkpoint: a file is memory-mapped (no tensor is read), a DCP
+    directory gives its ``extra_state.pth``'s."""
+    path = osp.expanduser(os.fspath(path))
+    if osp.isdir(path):
+        from .dcp import load_dcp_extra
+        checkpoint = load_dcp_extra(path)
+    else:
+        checkpoint = load_checkpoint_file(path, mmap=True)
+    meta = checkpoint.get('meta') if isinstance(checkpoint, dict) else None
+    return meta if isinstance(meta, dict) else {}

@@ -57,7 +57,7 @@ class AdapterCheckpointHook(Hook):
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         path = load_from(runner)
-        if is_resuming(runner) and path and osp.isfile(path):
+        if is_resuming(runner) and path and osp.exists(path):  # file or DCP dir
             self._resumed = (path, dict(checkpoint.get('meta', {})))
 
     def before_train(self, runner) -> None:
