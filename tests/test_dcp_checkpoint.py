@@ -82,18 +82,6 @@ def test_dcp_roundtrip_and_errors(tmp_path):
     assert not (work / '.tmp-xyz-iter_10.pth').exists()
 
 
-def test_peak_rss_helper():
-    from flora_mm.utils.memory import peak_rss_bytes, reset_peak_rss
-    before = peak_rss_bytes()
-    assert before and before > 0
-    block = bytearray(64 * 2 ** 20)
-    block[::4096] = b'x' * len(block[::4096])
-    assert peak_rss_bytes() >= before
-    if reset_peak_rss():
-        del block
-        assert peak_rss_bytes() <= before + 64 * 2 ** 20
-
-
 def test_resume_seed_read_from_a_dcp_directory(tmp_path):
     from mmengine.config import Config
 
