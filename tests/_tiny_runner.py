@@ -15,6 +15,7 @@ import os
 import os.path as osp
 import random
 import signal
+import uuid
 import sys
 
 import numpy as np
@@ -133,6 +134,9 @@ def make_cfg(work_dir: str, pretrained: str, max_iters: int = 6, ckpt_interval: 
                                            by_epoch=False),
                            logger=dict(type='LoggerHook', interval=1)),
         default_scope='mmengine',
+        # mmengine names the logger after the timestamp: two runners built in the same second
+        # would share the first one's log file
+        experiment_name=f'tiny_{uuid.uuid4().hex[:12]}',
         randomness=dict(seed=0),
         log_level='WARNING',
     )

@@ -194,13 +194,15 @@ def test_seed_rule_ignores_the_global_stream_and_the_build():
 def test_host_memory_recorder(tmp_path):
     from flora_mm.utils.host_memory import HostMemoryRecorder, current_rss, peak_rss
     recorder = HostMemoryRecorder()
-    block = torch.ones(64 * 2**20 // 4)  # 64 MiB
-    grown = recorder.record('grow')
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, mmap-backed: freeing it returns it to the OS
+    held = recorder.record('held')
     del block
-    after = recorder.record('after')
-    assert grown['peak_rss_mib'] >= grown['rss_mib'] > 0
-    if recorder.resettable:  # Linux with clear_refs: the peak restarted after 'grow'
-        assert after['peak_rss_mib'] < grown['peak_rss_mib']
+    freed = recorder.record('freed')  # peak since 'held' reset: the block was still there
+    idle = recorder.record('idle')  # peak since 'freed' reset: the block was gone
+    assert held['peak_rss_mib'] >= held['rss_mib'] > 0
+    assert freed['rss_mib'] < held['rss_mib'] - 32
+    if recorder.resettable:  # Linux with a working clear_refs: each phase has its own peak
+        assert idle['peak_rss_mib'] < freed['peak_rss_mib'] - 32
     assert peak_rss() >= current_rss() > 0
     recorder.save(str(tmp_path / 'mem.json'))
-    assert (tmp_path / 'mem.json').read_text().count('peak_rss_mib') == 2
+    assert (tmp_path / 'mem.json').read_text().count('peak_rss_mib') == 3

@@ -22,6 +22,7 @@ import sys
 
 _STATUS = '/proc/self/status'
 _CLEAR_REFS = '/proc/self/clear_refs'
+_RESET_SLACK_KIB = 4096  # what the interpreter may touch between the write and the read
 
 
 def _status_kib(field: str) -> int | None:
@@ -53,13 +54,18 @@ def current_rss() -> int:
 
 
 def reset_peak_rss() -> bool:
-    """Restart the peak from the current RSS; False where the kernel does not allow it."""
+    """Restart the peak from the current RSS; False where the kernel does not allow it.
+
+    Some sandboxes (gVisor, some container runtimes) accept the write and leave ``VmHWM``
+    alone, so the reset counts only where the peak afterwards is back at the current RSS."""
     try:
         with open(_CLEAR_REFS, 'w', encoding='ascii') as f:
             f.write('5')
-        return True
     except OSError:
         return False
+    peak, rss = _status_kib('VmHWM'), _status_kib('VmRSS')
+    # the RSS may grow between the write and the read, never shrink below a fresh peak
+    return peak is not None and rss is not None and peak <= rss + _RESET_SLACK_KIB
 
 
 class HostMemoryRecorder:
