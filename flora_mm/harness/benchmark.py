@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import multiprocessing
 import os
 import platform
@@ -179,6 +180,17 @@ def tune_glibc_malloc() -> bool:
             raise ValueError(f'mallopt value {value} does not fit a C int')
         ok &= libc.mallopt(param, value) == 1
     return bool(ok)
+
+
+def release_free_heap() -> bool:
+    """Give the heap's free pages back to the kernel (glibc's ``malloc_trim``): with trimming
+    off, the models of the timing phase would stay resident through the memory phase, whose
+    spawned processes then share the machine with them. False where the C library is not glibc."""
+    if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+    libc.malloc_trim.argtypes = (ctypes.c_size_t,)
+    return libc.malloc_trim(0) == 1
 
 
 def allocator_description(tuned: bool) -> str:
@@ -497,6 +509,8 @@ def run_benchmark(cfg: BenchConfig, progress: Callable[[str], None] | None = Non
     # counted on the eager backbone: a compiled one runs generated kernels, not aten ops
     flops = {m: step_flops(cases.get(EAGER + m, cases[m])) for m in cfg.methods}
     del cases
+    gc.collect()
+    release_free_heap()
     medians = {m: {k: statistics.median(v) for k, v in t.items()} for m, t in times.items()}
     for method in cfg.methods:
         med = medians[method]
