@@ -6,12 +6,13 @@ SHELL := /bin/bash
 # editable install last pointed at
 PY = PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(shell bash scripts/setup_env.sh)
 
-.PHONY: help env python-path test demo demo-all data bench gpu-check compare wheelhouse env-offline
+.PHONY: help env python-path test test-dist demo demo-all data bench gpu-check compare wheelhouse env-offline
 
 help:
 	@echo "make demo        set up, generate tiny COCO, fine-tune FLoRA with tools/train.py, evaluate with tools/test.py"
 	@echo "make demo-all    the same for COCO, ADE20K and DOTA"
-	@echo "make test        set up and run the test suite"
+	@echo "make test        set up and run the test suite (without the multi-node / slurm launches)"
+	@echo "make test-dist   the multi-node (2 torchrun launches) and slurm (fake srun) tests, ~3-4 min"
 	@echo "make env         build or reuse the environment only"
 	@echo "make bench       time / memory of a training step per PEFT method (docs/performance.md)"
 	@echo "make -s python-path   print the environment's interpreter"
@@ -27,7 +28,12 @@ python-path:
 	@bash scripts/setup_env.sh
 
 test: env
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests -m "not dist" $(PYTEST_ARGS)
+
+# tests/test_multinode.py: two "nodes" (two torchrun launches) train, resume and match a one-node
+# run; slurm_train.sh / slurm_test.sh under a fake srun (gloo, CPU)
+test-dist: env
+	$(PY) -m pytest tests/test_multinode.py -m dist $(PYTEST_ARGS)
 
 demo: env
 	$(PY) tools/demo.py --tasks coco

@@ -143,19 +143,80 @@ def adapt_to_cpu_distributed(cfg: Config) -> bool:
     return True
 
 
-def init_cpu_process_group(cfg: Config) -> None:
-    """Initialise gloo for the pytorch launcher without CUDA, before the runner does.
+SLURM_VARIABLES = ('SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_NODELIST')
 
-    mmengine's ``init_dist`` calls ``torch.cuda.set_device(LOCAL_RANK)`` first, which fails
-    without a GPU; the runner skips ``init_dist`` when a process group already exists.
+
+def slurm_environment(port: Optional[int] = None) -> dict:
+    """The torch.distributed environment of one slurm task, by mmengine's rules
+    (``mmengine.dist.utils._init_dist_slurm``), exported to ``os.environ`` and returned.
+
+    RANK = SLURM_PROCID, WORLD_SIZE = SLURM_NTASKS, LOCAL_RANK = SLURM_LOCALID (else RANK);
+    MASTER_PORT: ``port`` (``env_cfg.dist_cfg.port``), else the environment's, else 29500;
+    MASTER_ADDR: the environment's, else the first host of ``scontrol show hostname
+    $SLURM_NODELIST``. Missing variables or a failing ``scontrol`` are errors that name them.
+    """
+    import subprocess
+    missing = [v for v in SLURM_VARIABLES if not os.environ.get(v)]
+    if missing:
+        raise RuntimeError(f'--launcher slurm: {", ".join(missing)} not set; start the tool '
+                           'inside a slurm job step (srun, e.g. tools/slurm_train.sh)')
+    proc_id = int(os.environ['SLURM_PROCID'])
+    ntasks = int(os.environ['SLURM_NTASKS'])
+    local_rank = int(os.environ.get('SLURM_LOCALID', proc_id))
+    if port is not None:
+        os.environ['MASTER_PORT'] = str(port)
+    else:
+        os.environ.setdefault('MASTER_PORT', '29500')
+    if 'MASTER_ADDR' not in os.environ:
+        node_list = os.environ['SLURM_NODELIST']
+        try:
+            out = subprocess.run(['scontrol', 'show', 'hostname', node_list],
+                                 capture_output=True, text=True, check=True, timeout=60)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise RuntimeError(f'--launcher slurm: `scontrol show hostname {node_list}` failed '
+                               f'({exc}); set MASTER_ADDR to the first node\'s address') from exc
+        hosts = out.stdout.split()
+        if not hosts:
+            raise RuntimeError(f'--launcher slurm: `scontrol show hostname {node_list}` named '
+                               'no host; set MASTER_ADDR to the first node\'s address')
+        os.environ['MASTER_ADDR'] = hosts[0]
+    os.environ['WORLD_SIZE'] = str(ntasks)
+    os.environ['LOCAL_RANK'] = str(local_rank)
+    os.environ['RANK'] = str(proc_id)
+    return {k: os.environ[k] for k in ('MASTER_ADDR', 'MASTER_PORT', 'WORLD_SIZE', 'RANK',
+                                       'LOCAL_RANK')}
+
+
+def init_cpu_process_group(cfg: Config) -> None:
+    """Initialise gloo for the pytorch or slurm launcher without CUDA, before the runner does.
+
+    mmengine's ``init_dist`` calls ``torch.cuda.set_device(LOCAL_RANK)`` first (both
+    launchers), which fails without a GPU; the runner skips ``init_dist`` when a process group
+    already exists. Under slurm the environment is set up as mmengine does it
+    (``slurm_environment``) and the group starts from it (``env://``).
     """
     import torch.distributed as dist
-    if (cfg.get('launcher', 'none') != 'pytorch' or torch.cuda.is_available()
+    launcher = cfg.get('launcher', 'none')
+    if (launcher not in ('pytorch', 'slurm') or torch.cuda.is_available()
             or not dist.is_available() or dist.is_initialized()):
         return
     dist_cfg = dict(cfg.get('env_cfg', {}).get('dist_cfg', {}))
     backend = dist_cfg.pop('backend', 'gloo')
+    port = dist_cfg.pop('port', None)
+    if launcher == 'slurm':
+        slurm_environment(port)
     timeout = dist_cfg.pop('timeout', None)
     if timeout is not None:
         dist_cfg['timeout'] = datetime.timedelta(seconds=timeout)
     dist.init_process_group(backend=backend, **dist_cfg)
+
+
+def leave_process_group() -> None:
+    """End a distributed tool run together: barrier, then destroy the process group.
+
+    A gloo rank that exits while another still holds the connection aborted now and then
+    ("terminate called without an active exception", rc -6)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -11,6 +11,7 @@ import argparse
 from typing import Optional, Sequence
 
 from flora_mm.apis import add_runner_args, parse_with_local_rank, test
+from flora_mm.apis.config import leave_process_group
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -41,6 +42,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     test(args.config, args.checkpoint, work_dir=args.work_dir, out=args.out, show=args.show,
          show_dir=args.show_dir, wait_time=args.wait_time, tta=args.tta,
          cfg_options=args.cfg_options, launcher=args.launcher)
+    leave_process_group()  # all ranks end together (gloo)
 
 
 if __name__ == '__main__':

@@ -10,6 +10,7 @@ import argparse
 from typing import Optional, Sequence
 
 from flora_mm.apis import add_runner_args, parse_with_local_rank, train
+from flora_mm.apis.config import leave_process_group
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -33,12 +34,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     train(args.config, work_dir=args.work_dir, resume=args.resume, amp=args.amp,
           auto_scale_lr=args.auto_scale_lr, cfg_options=args.cfg_options,
           launcher=args.launcher)
-    # leave the process group together: a gloo rank that exits while another still holds the
-    # connection aborted now and then ("terminate called without an active exception", rc -6)
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    leave_process_group()  # all ranks end together (gloo)
 
 
 if __name__ == '__main__':
