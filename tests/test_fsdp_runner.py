@@ -180,6 +180,30 @@ def test_host_memory_phases_recorded(sharded_run):
     assert 0 < shard1['params'] <= shard0['params']
 
 
+def test_estimate_memory_host_side_matches_measured(sharded_run):
+    """tools/estimate_memory.py's host side for this run (the config's meta start and gathered
+    save, 2 ranks, shards on the CPU as under gloo; process overhead = the tool's own RSS)
+    against the peaks the run recorded: start and save of both ranks within 20 % (the tiny
+    model's share is a few MiB: this checks the overhead and the phases' bookkeeping; the
+    mid-size model's check is in docs/sharding.md "Host memory")."""
+    import json
+    tmp, config, work, _ = sharded_run
+    proc = subprocess.run([sys.executable, osp.join(ROOT, 'tools/estimate_memory.py'),
+                           str(config), '--gpus', '2', '--host-device', 'cpu', '--json'],
+                          cwd=str(tmp), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    host = json.loads(proc.stdout)[str(config)]['host']
+    assert (host['meta_init'], host['save_format'], host['device']) == (True, 'full', 'cpu')
+    ranks = [r for r in _host_memory_records(work).values() if set(r) == {0, 1}][0]
+    for rank, key in ((0, 'rank0'), (1, 'other')):
+        phases = ranks[rank]
+        measured = dict(start=phases[0]['peak_rss_mib'],
+                        save=max(p['peak_rss_mib'] for p in phases if p['phase'] == 'save'))
+        for phase, value in measured.items():
+            projected = host['peaks'][phase][key] / 2**20
+            assert abs(projected - value) <= 0.2 * value, (rank, phase, projected, value)
+
+
 def test_resume_on_another_world_size_and_test_tool(sharded_run):
     tmp, config, work, _ = sharded_run
     log = _train(tmp, config, work, gpus=1, iters=6, extra=('--resume',))
