@@ -462,7 +462,7 @@ def local_state_bytes(model: nn.Module,
         local = t.to_local() if is_sharded(t) else t
         return local.untyped_storage().nbytes() if local.numel() else 0
 
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     out = dict(params=sum(nbytes(p) for p in params),
                grads=sum(nbytes(p) for p in params if p.requires_grad), optimizer=0)
     if optimizer is not None:
@@ -566,7 +566,7 @@ class FSDPRunner(FLoRARunner):
                              f'(phases: {self.host_memory_path})')
         return wrapped
 
-    # -- host memory per phase --------------------------------------------------------------------
+    # -- host memory per phase ------------------------------------------------------------------
     @property
     def host_memory_path(self) -> str:
         """``<work_dir>/<timestamp>/host_memory_rank<R>.json``: this rank's peak host RSS per
