@@ -6,7 +6,8 @@ SHELL := /bin/bash
 # editable install last pointed at
 PY = PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(shell bash scripts/setup_env.sh)
 
-.PHONY: help env python-path test test-dist demo demo-all data bench gpu-check compare wheelhouse env-offline
+.PHONY: help env python-path test test-dist demo demo-all data bench gpu-check compare wheelhouse \
+	env-offline host-memory
 
 help:
 	@echo "make demo        set up, generate tiny COCO, fine-tune FLoRA with tools/train.py, evaluate with tools/test.py"
@@ -17,6 +18,7 @@ help:
 	@echo "make bench       time / memory of a training step per PEFT method (docs/performance.md)"
 	@echo "make -s python-path   print the environment's interpreter"
 	@echo "make gpu-check   on a GPU machine: train/test the tiny configs on CUDA, CUDA tests, 2-GPU run"
+	@echo "make host-memory peak host RAM per rank at start / load / save of sharded runs (docs/sharding.md)"
 	@echo "make compare     every method on the tiny data of all three tasks (CPU): Table 1 + plot"
 	@echo "make wheelhouse  wheels of the whole stack for one target (PYTHON= TORCH= FLORA_MM_CUDA= TORCH_CUDA_ARCH_LIST= WHEELHOUSE=)"
 	@echo "make env-offline WHEELHOUSE=DIR [PYTHON=...]   install from such a folder, no index (torch already installed)"
@@ -62,6 +64,19 @@ compare: env
 		--methods Frozen Full BitFit LoRA DoRA FLoRA LoCon LoHa LoKr --budgets 2% \
 		--max-epochs 6 --max-iters 12 --no-train-val --jobs 2 --dota-iou-thrs 0.5 0.75 \
 		--cwd $(COMPARE_DIR) --out $(COMPARE_DIR)
+
+# peak host RSS per rank at start / load / save of sharded runs (docs/sharding.md "Host memory"):
+# FLoRA on a ~0.43 B InternViT, Full on a ~0.18 B one (its gathered save holds ~13 bytes per
+# parameter on rank 0), 2 gloo processes, one run at a time. After the DCP save is merged:
+#   make host-memory HOST_MEMORY_ARGS="--starts meta --save-formats dcp"
+# (into the same HOST_MEMORY_DIR: adds the DCP rows to the earlier ones)
+HOST_MEMORY_DIR ?= work_dirs/host_memory
+HOST_MEMORY_ARGS ?=
+host-memory: env
+	$(PY) tools/measure_host_memory.py --out $(HOST_MEMORY_DIR) --methods flora $(HOST_MEMORY_ARGS)
+	$(PY) tools/measure_host_memory.py --out $(HOST_MEMORY_DIR) --methods full --embed-dim 1024 \
+		--depth 12 $(HOST_MEMORY_ARGS)
+	$(PY) tools/measure_host_memory.py --project 8 16 > $(HOST_MEMORY_DIR)/projection.md
 
 # offline / cluster install (README "Offline / cluster install"): build the wheels where the index
 # is, install them where it is not. Command-line variables reach the scripts as environment.

@@ -194,3 +194,82 @@ def test_planner_reads_the_wrapper_and_bf16_amp():
     cfg = Config(dict(optim_wrapper=dict(amp, dtype='float16'),
                       model_wrapper_cfg=dict(type='FullyShardedModel', units=['a'])))
     assert config_strategy(cfg) == 'fsdp' and wrapper_settings(cfg) == (['a'], None)
+
+
+# --------------------------------------------------------------------------- host memory
+@pytest.mark.parametrize('method', ['FLoRA', 'Full'])
+def test_host_sizes_equal_independent_count(tmp_path, method):
+    """The host-side sizes of the tiny InternViT ADE20K config on 2 ranks against a count of
+    its model, the pretrained file and torch.chunk's split, and the projected peaks against
+    the schemes' rules (docs/sharding.md "Host memory")."""
+    import os
+    import os.path as osp
+
+    from mmengine.config import Config
+
+    from flora_mm.apis.host_memory import (config_host_plan, config_host_settings,
+                                           config_host_sizes, host_peaks)
+    from flora_mm.apis.memory import build_meta_model
+    from flora_mm.datasets.checkpoints import generate_checkpoints
+    root = osp.dirname(osp.dirname(osp.abspath(__file__)))
+    path = generate_checkpoints(str(tmp_path))['internvit_tiny']
+    cfg = Config.fromfile(osp.join(root, 'configs/ade20k/tiny/internvit6b_flora_r16.py'))
+    cfg.merge_from_dict({'model.backbone.backbone.init_cfg.checkpoint': str(path)})
+    if method == 'Full':
+        cfg.merge_from_dict({'model.backbone.peft': dict(_delete_=True, type='Full')})
+    model = build_meta_model(cfg)
+    sizes = config_host_sizes(cfg, 2, model=model)
+
+    def nbytes(t):
+        return t.numel() * t.element_size()
+    params = list(model.parameters())
+    assert sizes.weights == sum(map(nbytes, params)) + sum(map(nbytes, model.buffers()))
+    assert sizes.trained == sum(nbytes(p) for p in params if p.requires_grad)
+    assert sizes.optimizer == 2 * sizes.trained  # AdamW
+    first = [p.reshape(p.shape[0], -1).chunk(2)[0] if p.dim() else p.reshape(1) for p in params]
+    assert sizes.shard_params == sum(c.numel() * p.element_size() for c, p in zip(first, params))
+    assert sizes.shard_grads == sum(c.numel() * p.element_size()
+                                    for c, p in zip(first, params) if p.requires_grad)
+    assert sizes.shard_optimizer == 2 * sizes.shard_grads
+    assert sizes.pretrained == os.path.getsize(path)  # the file rank 0 reads
+    own = model.state_dict()
+    file = torch.load(path, weights_only=True)['model']
+    assert sizes.pretrained_in_model == sum(nbytes(own[f'backbone.{k}']) for k in file)
+    assert sizes.largest == max(map(nbytes, params + list(model.buffers())))
+    # the schemes (overhead 100 bytes)
+    s = sizes
+    gathered = host_peaks(s, meta_init=False, save_format='full', overhead=100, device='cpu')
+    assert gathered['start'] == dict(rank0=100 + s.weights + s.pretrained,
+                                     other=100 + s.weights + s.pretrained)
+    held = s.shard_params + s.shard_optimizer
+    # rank 0: the gathered state, serialised once more in memory (mmengine's io.BytesIO)
+    state = s.weights + s.optimizer
+    assert gathered['save'] == dict(rank0=100 + held + state + max(state, 2 * s.trained),
+                                    other=100 + held + s.largest)
+    meta = host_peaks(s, meta_init=True, save_format='dcp', overhead=100, device='cpu')
+    seeded = s.weights - s.pretrained_in_model
+    assert meta['start'] == dict(rank0=100 + s.pretrained + seeded + s.shard_params + s.largest,
+                                 other=100 + s.shard_params + s.largest)
+    assert meta['save'] == dict(rank0=100 + held + s.largest + 2 * s.trained,
+                                other=100 + held + s.largest)
+    # on GPUs the shards are device memory: the host holds the file and what is staged
+    gpu = host_peaks(s, meta_init=True, save_format='dcp', overhead=100)
+    assert gpu['start'] == dict(rank0=100 + s.pretrained + seeded + s.largest,
+                                other=100 + s.largest)
+    assert gpu['save'] == dict(rank0=100 + s.largest + 2 * s.trained, other=100 + s.largest)
+    one = host_peaks(config_host_sizes(cfg, 1, model=model), meta_init=True)
+    assert one['start']['other'] is None and one['save']['other'] is None
+    # the config's own settings: configs/_base_/fsdp.py's meta start, the gathered file
+    cfg.merge_from_dict({'model_wrapper_cfg': dict(type='FullyShardedModel', meta_init=True)})
+    assert config_host_settings(cfg) == (True, 'full')
+    plan = config_host_plan(cfg, 2, model=model, overhead=100)
+    assert plan['peaks'] == host_peaks(s, True, 'full', 100)
+    with pytest.raises(ValueError, match='save_format'):
+        host_peaks(s, True, 'zip')
+    with pytest.raises(ValueError, match='device'):
+        host_peaks(s, True, 'full', device='tpu')
+    with pytest.raises(ValueError, match='overhead'):
+        host_peaks(s, True, 'full', overhead=-1)
+    cfg.merge_from_dict({'model_wrapper_cfg.save_format': 'tar'})
+    with pytest.raises(ValueError, match='save_format'):
+        config_host_settings(cfg)

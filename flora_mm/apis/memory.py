@@ -217,19 +217,24 @@ def format_plan(name: str, plan: MemoryPlan, device_gib: float = 80.0) -> str:
 
 
 def plan_table(cfg, gpus: Sequence[int] = (1, 8),
-               strategies: Sequence[str] = STRATEGIES) -> dict[tuple[str, int], MemoryPlan]:
+               strategies: Sequence[str] = STRATEGIES,
+               model: Optional[nn.Module] = None) -> dict[tuple[str, int], MemoryPlan]:
     """Plans of one config for every (strategy, gpus), from one meta-device build."""
-    model = build_meta_model(cfg)
+    model = model if model is not None else build_meta_model(cfg)
     return {(s, g): plan_config(cfg, gpus=g, strategy=s, model=model)
             for s in strategies for g in gpus}
 
 
 def format_table(rows: list[tuple[str, dict[tuple[str, int], MemoryPlan]]],
-                 device_gib: float = 80.0) -> str:
+                 device_gib: float = 80.0, host: Optional[dict] = None) -> str:
     """Markdown table: trainable parameters, then GiB per GPU per (strategy, gpus); '!' marks a
-    total above ``device_gib`` (before activations)."""
+    total above ``device_gib`` (before activations). ``host``: {config: {gpus: host plan}}
+    (``flora_mm.apis.host_memory.config_host_plan``) adds rank 0's peak host RSS at start /
+    save per FSDP column."""
     keys = list(rows[0][1]) if rows else []
-    head = ['config', 'trainable'] + [f'{s.upper()} x{g}' for s, g in keys]
+    host_gpus = [g for s, g in keys if s == 'fsdp'] if host else []
+    head = ['config', 'trainable'] + [f'{s.upper()} x{g}' for s, g in keys] + [
+        f'host x{g} start / save' for g in host_gpus]
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for name, plans in rows:
         first = next(iter(plans.values()))
@@ -239,5 +244,9 @@ def format_table(rows: list[tuple[str, dict[tuple[str, int], MemoryPlan]]],
             total = plans[key].total
             mark = ' !' if total > device_gib * 2 ** 30 else ''
             cells.append(f'{total / 2 ** 30:.1f}{mark}')
+        for g in host_gpus:
+            peaks = host[name][g]['peaks']
+            cells.append(f"{peaks['start']['rank0'] / 2 ** 30:.1f} / "
+                         f"{peaks['save']['rank0'] / 2 ** 30:.1f}")
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)

@@ -35,3 +35,20 @@ def generate_checkpoints(root: str | os.PathLike = 'data/tiny', seed: int = 0) -
     vit = InternViT(arch='tiny', with_fpn=False)
     _save({'model': vit.state_dict()}, paths['internvit_tiny'])
     return paths
+
+
+def write_internvit_checkpoint(path: str | os.PathLike, arch: dict | str,
+                               dtype: str = 'bfloat16', seed: int = 0) -> Path:
+    """A random InternViT of ``arch`` (a preset name or a dict of ``INTERNVIT_ARCHS`` keys) in
+    InternVL's layout (``{'model': state_dict}``, no FPN), its tensors stored in ``dtype``
+    (InternVL's releases are bf16): the pretrained file of the host-memory harness
+    (``flora_mm/harness/host_memory.py``), read by the same loader as the real release. The
+    model is built whole in fp32 and cast, so writing needs ~6 bytes per parameter of RAM."""
+    from ..models import InternViT
+
+    torch.manual_seed(seed)
+    vit = InternViT(arch=arch, with_fpn=False, dtype=dtype)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save({'model': vit.state_dict()}, path)
+    return path

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import os
 import re
@@ -446,6 +447,46 @@ def _reads_at_construction(cfg: Any) -> list[str]:
     return found
 
 
+HOST_MEMORY_FILE = 'host_memory_rank{rank}.json'
+
+
+def local_state_bytes(model: nn.Module,
+                      optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+    """Bytes this rank holds of the model's training state: ``params`` (its shards of every
+    parameter, padding included: what ``fully_shard`` allocated), ``grads`` (the same for the
+    trainable ones: the sharded gradients between backward and the optimizer step), and
+    ``optimizer`` (the optimizer's tensor states, its shards; 0 before the first step)."""
+    from ..dist import is_sharded
+
+    def nbytes(t: torch.Tensor) -> int:
+        local = t.to_local() if is_sharded(t) else t
+        return local.untyped_storage().nbytes() if local.numel() else 0
+
+    params = list(model.parameters())
+    out = dict(params=sum(nbytes(p) for p in params),
+               grads=sum(nbytes(p) for p in params if p.requires_grad), optimizer=0)
+    if optimizer is not None:
+        out['optimizer'] = sum(nbytes(v) for state in optimizer.state.values()
+                               for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
+    return out
+
+
+def _host_memory_phase(phase: str, before: str):
+    """Record the peak host RSS of a sharded run around ``save_checkpoint(out_dir, filename,
+    ...)``: the peak since the previous record as ``before`` on entry, the save's own as
+    ``phase`` (with the checkpoint's file name) on exit (see ``FSDPRunner._host_phase``;
+    nothing without sharding)."""
+    def decorate(method):
+        @functools.wraps(method)
+        def wrapped(self, out_dir, filename, *args, **kwargs):
+            self._host_phase(before)
+            result = method(self, out_dir, filename, *args, **kwargs)
+            self._host_phase(phase, checkpoint=filename)
+            return result
+        return wrapped
+    return decorate
+
+
 @RUNNERS.register_module()
 class FSDPRunner(FLoRARunner):
     """mmengine's Runner with checkpoint I/O for FSDP2-sharded models (see module docstring).
@@ -515,11 +556,45 @@ class FSDPRunner(FLoRARunner):
             wrapped = MODEL_WRAPPERS.build(model_wrapper_cfg, default_args=dict(module=model))
         if is_fully_sharded(wrapped):
             self.host_memory = HostMemoryRecorder(reset=False)
-            entry = self.host_memory.record('start')  # peak since the process started
             start = 'meta-device' if wrapped.meta_init else 'gathered'
+            # peak since the process started: imports, build, shard, init, pretrained load
+            entry = self._host_phase('start', start=start, rank=get_rank(),
+                                     world_size=self.world_size,
+                                     shard_bytes=local_state_bytes(wrapped.module))
             self.logger.info(f'FSDP: model started in shards ({start} start); peak host RSS '
-                             f'of rank {get_rank()} so far {entry["peak_rss_mib"]:.0f} MiB')
+                             f'of rank {get_rank()} so far {entry["peak_rss_mib"]:.0f} MiB '
+                             f'(phases: {self.host_memory_path})')
         return wrapped
+
+    # -- host memory per phase ------------------------------------------------------------------
+    @property
+    def host_memory_path(self) -> str:
+        """``<work_dir>/<timestamp>/host_memory_rank<R>.json``: this rank's peak host RSS per
+        phase of a sharded run (``start``; ``setup`` = the rest of the Runner's setup up to the
+        checkpoint load, ``load`` = load_from / resume when one is loaded; per checkpoint save
+        ``train`` = the iterations since the previous record, and ``save``), rewritten after
+        each phase."""
+        return os.path.join(self.log_dir, HOST_MEMORY_FILE.format(rank=get_rank()))
+
+    def _host_phase(self, phase: str, **extra) -> dict | None:
+        """Record the peak since the previous phase (sharded runs only; cheap: two /proc
+        reads, a write to clear_refs and a small JSON file)."""
+        recorder = getattr(self, 'host_memory', None)
+        if recorder is None:
+            return None
+        if phase == 'save':
+            optimizer = getattr(getattr(self, 'optim_wrapper', None), 'optimizer', None)
+            extra['shard_bytes'] = local_state_bytes(self.model.module, optimizer)
+        entry = recorder.record(phase, **extra)
+        recorder.save(self.host_memory_path)
+        return entry
+
+    def load_or_resume(self) -> None:
+        loaded = self._has_loaded
+        self._host_phase('setup')
+        super().load_or_resume()
+        if self._has_loaded and not loaded:
+            self._host_phase('load')
 
     def build_optim_wrapper(self, optim_wrapper):
         """A sharded model does its mixed precision in FSDP (``MixedPrecisionPolicy``): an
@@ -537,6 +612,7 @@ class FSDPRunner(FLoRARunner):
         return super().build_optim_wrapper(optim_wrapper)
 
     # -- save -----------------------------------------------------------------------------------
+    @_host_memory_phase('save', before='train')
     def save_checkpoint(self, out_dir: str, filename: str, file_client_args: dict | None = None,
                         save_optimizer: bool = True, save_param_scheduler: bool = True,
                         meta: dict | None = None, by_epoch: bool = True,

@@ -73,15 +73,20 @@ class HostMemoryRecorder:
     recorder's creation) and resets it for the next phase."""
 
     def __init__(self, reset: bool = True) -> None:
-        self.resettable = reset_peak_rss() if reset else False
+        # None: the first phase's peak counts from the process's start (``reset=False``), not
+        # a failed reset; it becomes True / False with the first reset
+        self.resettable = reset_peak_rss() if reset else None
         self.phases: list[dict] = []
 
-    def record(self, phase: str, reset: bool = True) -> dict:
+    def record(self, phase: str, reset: bool = True, **extra) -> dict:
+        """Store the peak since the previous record under ``phase`` (``extra``: more fields of
+        the entry, JSON-serialisable) and, with ``reset``, restart it for the next phase."""
         entry = dict(phase=phase, peak_rss_mib=round(peak_rss() / 2**20, 1),
                      rss_mib=round(current_rss() / 2**20, 1), resettable=self.resettable)
+        entry.update(extra)
         self.phases.append(entry)
         if reset:
-            self.resettable = reset_peak_rss() and self.resettable
+            self.resettable = reset_peak_rss() and self.resettable is not False
         return entry
 
     def save(self, path: str) -> None:
