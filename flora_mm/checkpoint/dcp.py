@@ -360,14 +360,15 @@ def write_dcp_checkpoint(path: str, tensors: dict, extra: dict,
     """Write a DCP checkpoint directory at ``path``; every rank calls it (collective).
 
     ``tensors``: ``{'state_dict': ..., 'optimizer': {'state': ...}}`` of this rank (DTensors:
-    each rank writes only its own shards, straight from their storage; no rank gathers).
+    each rank writes only its own shards, straight from their storage; no rank gathers; plain
+    tensors are written by rank 0).
     ``extra``: the plain non-tensor state, written by rank 0. Everything goes into a temporary
     sibling directory (``.tmp-*``, cleared by ``remove_stale_temporaries`` after a kill), which
     rank 0 renames onto ``path`` when all ranks are done; ``on_commit(path)`` runs on rank 0
     right after (the adapter files), ``on_failure(path)`` if anything failed.
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
     from torch.distributed.checkpoint.api import CheckpointException
     path = osp.abspath(os.fspath(path))
     tmp = None
@@ -388,7 +389,11 @@ def write_dcp_checkpoint(path: str, tensors: dict, extra: dict,
         # thread_count=1: one tensor in flight at a time (CPU shards are written from their
         # own storage; CUDA ones through a bounded copy-ahead buffer, torch's default 10 MB)
         try:
-            dcp.save(tensors, storage_writer=FileSystemWriter(tmp, thread_count=1))
+            # a plain tensor (a buffer such as BN's running stats, which FSDP does not shard
+            # nor keep equal across ranks; an optimizer step) is written once, by rank 0: the
+            # values the gathered format saves (DCP's default picks the least loaded rank)
+            dcp.save(tensors, storage_writer=FileSystemWriter(tmp, thread_count=1),
+                     planner=DefaultSavePlanner(dedup_save_to_lowest_rank=True))
         except CheckpointException as err:  # a BaseException: every rank gets it
             first = next(iter(sorted(err.failures.items())), None)
             what = (f'rank {first[0]}: {type(first[1][0]).__name__}: {first[1][0]}'
