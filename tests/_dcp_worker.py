@@ -9,7 +9,8 @@ PLAN.json is a list of runs: ``name``, ``config``, ``work_dir``, ``options`` (cf
 dict), optional ``kind='test'`` (evaluate ``checkpoint`` as tools/test.py does), ``peft`` (replaces ``model.backbone.peft``), ``resume`` (a checkpoint path,
 or ``'auto'``), ``dump`` (write the model and optimizer state right after loading, gathered,
 keyed by names), ``copy_without`` ([source, target, file]: first copy a checkpoint directory
-leaving one file out) and ``expect_error`` (the run must fail; its message is recorded). Each rank
+leaving one file out), ``fail_save_on_rank`` (a hook fails the save on that rank) and
+``expect_error`` (the run must fail; its message is recorded). Each rank
 writes OUT/<name>_rank<R>.pt: rank 0's losses (message hub history), the error if any, and on
 rank 0 the dump.
 """
@@ -65,6 +66,20 @@ class DumpAfterLoadHook(Hook):
                              sharded=is_fully_sharded(runner.model))
 
 
+class FailSaveHook(Hook):
+    """Raises in ``before_save_checkpoint`` on one rank only, after FLoRAHook's parts (the
+    adapter files are staged by then): no rank may write anything."""
+
+    priority = 'LOW'
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        if dist.get_rank() == self.rank:
+            raise RuntimeError(f'injected failure on rank {self.rank}')
+
+
 def run_test(step: dict, launcher: str) -> dict:
     """What tools/test.py runs (``flora_mm.cli.test`` -> ``flora_mm.apis.test``)."""
     from flora_mm.apis.runner import test
@@ -89,6 +104,8 @@ def run(step: dict, launcher: str) -> dict:
     apply_resume(cfg, step.get('resume'))
     restore_run_seed(cfg)
     runner = build_runner(cfg)
+    if step.get('fail_save_on_rank') is not None:
+        runner.register_hook(FailSaveHook(step['fail_save_on_rank']))
     hook = None
     if step.get('dump'):
         hook = DumpAfterLoadHook()

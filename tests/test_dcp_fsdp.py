@@ -7,7 +7,7 @@ Runners per process group, so each world size pays the start of torch / mmengine
   same run with the gathered format ('full'); FLoRA resumed from the 'dcp' checkpoint of
   iteration 2; Full fine-tuning 2 iterations with 'dcp', a checkpoint each, max_keep_ckpts=1;
   a resume from a copy of a directory with a shard file missing (must fail on every rank,
-  naming it).
+  naming it); a save that a hook fails on one rank (nothing written on any rank).
 - 3 processes: FLoRA loaded from the 2-process directory; Full auto-resumed in its work dir,
   one more iteration.
 - 1 process without a launcher (unsharded): FLoRA resumed from the 2-process directory, one
@@ -109,6 +109,10 @@ def runs(tmp_path_factory):
         dict(name='broken_2', config=c, work_dir=w('broken_2'), options=_options(5),
              copy_without=[w('flora_dcp/iter_2.pth'), w('broken/iter_2.pth'), '__1_0.distcp'],
              resume=w('broken/iter_2.pth'), expect_error=True),
+        # a checkpoint hook fails on rank 1 only: nothing may be written, no rank may hang
+        dict(name='fail_save_2', config=c, work_dir=w('fail_save_2'), fail_save_on_rank=1,
+             options=_options(1, **{'default_hooks.checkpoint.interval': 1}),
+             expect_error=True),
     ], '2')]
     # what the 3-process runs overwrite, kept aside
     shutil.copytree(tmp / 'full_dcp/iter_2.pth', tmp / 'saved/full_iter_2.pth')
@@ -294,6 +298,20 @@ def test_damaged_directory_errors_name_the_file(runs):
     shard.write_bytes(b'\x00' * shard.stat().st_size)  # same size: only reading it shows it
     with pytest.raises(CheckpointError, match=r'shard file .*__0_0\.distcp.*corrupt'):
         load_checkpoint_file(str(damaged))
+
+
+def test_failed_save_writes_nothing_on_any_rank(runs):
+    """A before_save_checkpoint hook failing on rank 1 only: both ranks stop with an error
+    naming it, and neither the directory, nor its adapter files (staged on rank 0), nor a
+    temporary directory is left."""
+    tmp, _ = runs
+    assert _result(tmp, 'fail_save_2', 1)['error'] == \
+        'RuntimeError: injected failure on rank 1'
+    error = _result(tmp, 'fail_save_2', 0)['error']
+    assert 'iter_1.pth not written: rank 1 failed before saving' in error, error
+    assert 'injected failure on rank 1' in error
+    left = sorted(p for p in os.listdir(tmp / 'fail_save_2') if not p[0].isdigit())
+    assert left == ['tiny_internvit_flora_fsdp.py'], left  # the log folder and the config
 
 
 def test_bad_save_format_is_refused():
