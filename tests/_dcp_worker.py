@@ -6,13 +6,14 @@ gloo once per world size.
     python tests/_dcp_worker.py PLAN.json OUT          # one process, no launcher: unsharded
 
 PLAN.json is a list of runs: ``name``, ``config``, ``work_dir``, ``options`` (cfg options, a
-dict), optional ``kind='test'`` (evaluate ``checkpoint`` as tools/test.py does), ``peft`` (replaces ``model.backbone.peft``), ``resume`` (a checkpoint path,
-or ``'auto'``), ``dump`` (write the model and optimizer state right after loading, gathered,
-keyed by names), ``copy_without`` ([source, target, file]: first copy a checkpoint directory
-leaving one file out), ``fail_save_on_rank`` (a hook fails the save on that rank) and
-``expect_error`` (the run must fail; its message is recorded). Each rank
-writes OUT/<name>_rank<R>.pt: rank 0's losses (message hub history), the error if any, and on
-rank 0 the dump.
+dict), and optionally ``kind='test'`` (evaluate ``checkpoint`` as tools/test.py does),
+``peft`` (replaces ``model.backbone.peft``), ``resume`` (a checkpoint path, or ``'auto'``),
+``dump`` (record the model and optimizer state right after loading, gathered, keyed by
+names), ``copy_without`` ([source, target, file]: first copy a checkpoint directory leaving
+one file out), ``fail_save_on_rank`` (a hook fails the save on that rank) and
+``expect_error`` (the run must fail; its message is recorded). Each rank writes
+OUT/<name>_rank<R>.pt: the losses (message hub history), the error if any, the step's
+seconds, and on rank 0 the dump.
 """
 from __future__ import annotations
 
