@@ -9,7 +9,7 @@ Runners per process group, so each world size pays the start of torch / mmengine
   a resume from a copy of a directory with a shard file missing (must fail on every rank,
   naming it); a save that a hook fails on one rank (nothing written on any rank).
 - 3 processes: FLoRA loaded from the 2-process directory; Full auto-resumed in its work dir,
-  one more iteration.
+  one more iteration; tools/test.py's function on the FLoRA directory (sharded).
 - 1 process without a launcher (unsharded): FLoRA resumed from the 2-process directory, one
   more iteration; tools/test.py's function on the directory.
 
@@ -123,6 +123,9 @@ def runs(tmp_path_factory):
         # auto-resume in the Full run's work dir, one more iteration saved
         dict(name='full_3', config=c, work_dir=w('full_dcp'), peft=FULL, resume='auto',
              options=_options(3, **keep_one), dump=True),
+        # tools/dist_test.sh's path: load_from into the meta-started sharded model
+        dict(name='test_3', kind='test', config=c, work_dir=w('test_3'),
+             checkpoint=w('flora_dcp/iter_4.pth')),
     ], '3'))
     logs.append(_launch(tmp, None, [
         dict(name='flora_1', config=c, work_dir=w('flora_1'), options=_options(3),
@@ -327,8 +330,10 @@ def test_bad_save_format_is_refused():
 
 
 def test_test_tool_reads_the_directory(runs):
-    """tools/test.py's function (flora_mm.apis.test), one process, on the 2-process
-    directory: evaluated unsharded."""
+    """tools/test.py's function (flora_mm.apis.test) on the 2-process directory: in one
+    process (unsharded, the directory read whole) and on 3 (tools/dist_test.sh: sharded,
+    loaded into the shards): the same predictions, the same metrics."""
     tmp, _ = runs
-    metrics = _result(tmp, 'test_1')['metrics']
-    assert 'mIoU' in metrics and 0 <= metrics['mIoU'] <= 100
+    one, three = _result(tmp, 'test_1')['metrics'], _result(tmp, 'test_3')['metrics']
+    assert 'mIoU' in one and 0 <= one['mIoU'] <= 100
+    assert three == pytest.approx(one, abs=1e-6)
