@@ -24,6 +24,7 @@ import glob
 import json
 import os
 import os.path as osp
+import re
 import shutil
 import subprocess
 import sys
@@ -192,6 +193,13 @@ def test_dcp_directories_written_by_every_rank(runs):
     assert len(published) == 1
     whole = load_checkpoint_file(str(work / 'iter_4.pth'))
     _assert_same_state(_gathered(published[0])['state_dict'], whole['state_dict'], 'published')
+    # the adapter file of the Full run gathers the whole model on rank 0: said once
+    # (the runs of one worker share mmengine's log handlers, so a log file also holds later
+    # runs' lines: every warning logged must be a Full run's, all parameters trained)
+    logs = ''.join(open(f).read() for f in glob.glob(str(tmp / '*' / '*' / '*.log')))
+    counts = re.findall(r'adapter file gathers every trained tensor on rank 0 \(([\d,]+) of '
+                        r'([\d,]+) parameters\)', logs)
+    assert counts and all(trained == total for trained, total in counts), counts
     # max_keep_ckpts removes directories (Full run: iteration 1 went when 2 was written)
     assert (tmp / 'saved/full_iter_2.pth').is_dir() and not (tmp / 'full_dcp/iter_1.pth').exists()
 
