@@ -21,7 +21,8 @@ from flora_mm.harness import launch
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TINY_COCO = osp.join(ROOT, 'configs/coco/tiny/convnextv2_flora_r16.py')
 TOOLS = ('train', 'test', 'merge_adapters', 'count_params', 'estimate_memory',
-         'make_tiny_data', 'compare', 'benchmark', 'demo', 'gpu_check', 'measure_host_memory')
+         'make_tiny_data', 'compare', 'benchmark', 'demo', 'gpu_check', 'measure_host_memory',
+         'dcp_to_pth')
 
 
 def _refused(capsys, tool: str, argv: list[str], option: str) -> str:

@@ -90,3 +90,41 @@ def test_resume_seed_read_from_a_dcp_directory(tmp_path):
     cfg = Config(dict(resume=True, load_from=str(tmp_path / 'iter_4.pth'), work_dir=str(tmp_path)))
     restore_run_seed(cfg)
     assert cfg.randomness['seed'] == 7
+
+
+def test_damaged_shard_is_named(tmp_path):
+    """A shard file of the right size whose bytes do not parse: the error names the file."""
+    ckpt = tmp_path / 'iter_4.pth'
+    _write(ckpt)
+    shard = next(p for p in ckpt.iterdir() if p.suffix == '.distcp')
+    shard.write_bytes(b'\x00' * shard.stat().st_size)
+    assert unreadable_reason(str(ckpt)) is None  # only reading it shows it
+    with pytest.raises(CheckpointError, match=rf'cannot read shard file .*{shard.name} of DCP '
+                                              r'checkpoint .* \(corrupt or truncated\?\)'):
+        load_checkpoint_file(str(ckpt))
+
+
+def test_dcp_to_file_writes_the_gathered_dict_atomically(tmp_path):
+    from flora_mm.checkpoint import dcp_to_file
+    ckpt = tmp_path / 'iter_4.pth'
+    tensors = _write(ckpt)
+    out = tmp_path / 'out' / 'iter_4_full.pth'
+    dcp_to_file(str(ckpt), str(out))
+    written = torch.load(out, weights_only=True)  # an ordinary checkpoint file
+    assert written.keys() == {'meta', 'state_dict', 'optimizer'}
+    for key, value in tensors['state_dict'].items():
+        assert torch.equal(written['state_dict'][key], value)
+    assert torch.equal(written['optimizer']['state']['a.weight']['exp_avg'],
+                       tensors['optimizer']['state']['a.weight']['exp_avg'])
+    assert written['optimizer']['param_groups'] == [{'lr': 0.1, 'params': ['a.weight']}]
+    assert written['meta']['iter'] == 4
+    with pytest.raises(FileExistsError, match='exists'):
+        dcp_to_file(str(ckpt), str(out))
+    dcp_to_file(str(ckpt), str(out), force=True)
+    # a damaged directory: an error naming it, and no file (not even a temporary one) left
+    bad = tmp_path / 'iter_6.pth'
+    _write(bad)
+    next(p for p in bad.iterdir() if p.suffix == '.distcp').unlink()
+    with pytest.raises(CheckpointError, match='shard file __0_0.distcp is missing'):
+        dcp_to_file(str(bad), str(tmp_path / 'out' / 'iter_6_full.pth'))
+    assert sorted(os.listdir(tmp_path / 'out')) == ['iter_4_full.pth']

@@ -12,8 +12,9 @@
 #   file fills (adapters, heads, FPN) are initialised per module from a seed derived from the
 #   run seed and the module's name, so a seeded run starts from the same weights whatever the
 #   strategy (flora_mm/engine/seeded_init.py).
-# - FSDPRunner: complete (gathered) checkpoints written by rank 0, loaded into the shards; an
-#   AmpOptimWrapper becomes a plain OptimWrapper (FSDP does the mixed precision).
+# - FSDPRunner: checkpoints in the format save_format names (below), loaded into the shards
+#   from either format on any number of processes; an AmpOptimWrapper becomes a plain
+#   OptimWrapper (FSDP does the mixed precision).
 runner_type = 'FSDPRunner'
 model_wrapper_cfg = dict(
     type='FullyShardedModel',
@@ -26,4 +27,13 @@ model_wrapper_cfg = dict(
     # pretrained files read on rank 0 and broadcast into the shards (no rank holds the whole
     # model). False: the gathered start (every rank builds and initialises the whole model,
     # rank 0's values are broadcast, then it is sharded); both give the same weights.
-    meta_init=True)
+    meta_init=True,
+    # how checkpoints are written (docs/sharding.md, "Checkpoints and resuming"):
+    # 'full': one ordinary mmengine file iter_N.pth; every rank gathers, rank 0 holds the whole
+    #   model + optimizer state in host memory and writes it (any tool reads it).
+    # 'dcp': a torch.distributed.checkpoint directory iter_N.pth/ (.metadata, one
+    #   __R_0.distcp per rank, extra_state.pth); each rank writes its own shards, nothing is
+    #   gathered. --resume / load_from / tools/test.py / tools/merge_adapters.py read it on any
+    #   number of processes; tools/dcp_to_pth.py writes it as one 'full' file.
+    # e.g. --cfg-options model_wrapper_cfg.save_format=dcp
+    save_format='full')

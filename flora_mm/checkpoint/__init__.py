@@ -2,8 +2,8 @@
 (``safe_load``), plain values (``plain``), atomic files and resumable checkpoints (``files``),
 fit checks (``fit``) and the random state (``rng``). It sits below every other floor of the
 package (it knows tensors and files, not PEFT methods or models)."""
-from .dcp import (dcp_unreadable_reason, is_dcp_checkpoint, load_dcp_checkpoint,
-                  write_dcp_checkpoint)
+from .dcp import (check_dcp_checkpoint, dcp_to_file, dcp_unreadable_reason, is_dcp_checkpoint,
+                  load_dcp_checkpoint, load_dcp_into, write_dcp_checkpoint)
 from .files import (ATOMIC_BACKEND, AtomicLocalBackend, add_companions, commit_companions,
                     discard_companions,
                     find_resumable_checkpoint, point_last_checkpoint, remove_stale_temporaries,
@@ -20,7 +20,8 @@ from .safe_load import (CheckpointError, UnsafeCheckpointError, load_checkpoint_
 __all__ = [
     'ATOMIC_BACKEND', 'AtomicLocalBackend', 'add_companions', 'commit_companions',
     'discard_companions', 'dcp_unreadable_reason', 'is_dcp_checkpoint', 'load_dcp_checkpoint',
-    'write_dcp_checkpoint', 'load_checkpoint_meta',
+    'write_dcp_checkpoint', 'check_dcp_checkpoint', 'dcp_to_file', 'load_dcp_into',
+    'load_checkpoint_meta',
     'find_resumable_checkpoint', 'point_last_checkpoint', 'remove_stale_temporaries',
     'unreadable_reason', 'check_finite', 'check_keys', 'check_types', 'describe_changes',
     'non_finite_tensors', 'shape_mismatches', 'state_dict_of', 'CKPT_KEY', 'plain_checkpoint',

@@ -24,6 +24,7 @@ checkpoint directory under its final name is always complete.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import os.path as osp
 import pickle
@@ -34,7 +35,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from ..utils.fileio import TMP_PREFIX
+from ..utils.fileio import TMP_PREFIX, atomic_paths
 from .safe_load import CheckpointError, UnsafeCheckpointError, load_checkpoint_file
 
 #: DCP's index file (torch's name) and the file with the non-tensor state (ours)
@@ -119,6 +120,7 @@ def read_dcp_metadata(path: str):
 def _safe_reader_class():
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import StorageMeta
+    from torch.futures import Future
     from torch.distributed.checkpoint.planner import LoadItemType
 
     class SafeFileSystemReader(FileSystemReader):
@@ -140,7 +142,28 @@ def _safe_reader_class():
                     raise UnsafeCheckpointError(
                         f'refusing to load {self.path}: entry {item.dest_index.fqn} is pickled '
                         'bytes, not a tensor (flora_mm checkpoints keep only tensors in DCP)')
-            return super().read_data(plan, planner)
+            # one file at a time, so that an error names the shard file it came from (torch's
+            # reader reports a bare unpickling / size error)
+            per_file: dict[str, list] = {}
+            for item in plan.items:
+                rel = self.storage_data[item.storage_index].relative_path
+                per_file.setdefault(rel, []).append(item)
+            for rel, items in per_file.items():
+                file = osp.join(os.fspath(self.path), rel)
+                if not osp.isfile(file):
+                    raise CheckpointError(f'cannot read DCP checkpoint {self.path}: shard file '
+                                          f'{rel} is missing')
+                try:
+                    super().read_data(dataclasses.replace(plan, items=items), planner).wait()
+                except CheckpointError:
+                    raise
+                except Exception as err:  # noqa: BLE001  (a damaged shard, any error type)
+                    raise CheckpointError(
+                        f'cannot read shard file {file} of DCP checkpoint {self.path} '
+                        f'(corrupt or truncated?): {type(err).__name__}: {err}') from err
+            fut: Future = Future()
+            fut.set_result(None)
+            return fut
 
     return SafeFileSystemReader
 
@@ -179,12 +202,17 @@ def dcp_unreadable_reason(path: str) -> str | None:
     return None
 
 
-def _check(path: str) -> None:
+def check_dcp_checkpoint(path: str) -> None:
+    """Raise, naming the problem (missing or truncated shard file, missing ``.metadata`` /
+    ``extra_state.pth``, unsafe metadata), unless ``path`` is a complete DCP checkpoint."""
+    if osp.isfile(osp.join(path, METADATA)):
+        read_dcp_metadata(path)  # an unsafe .metadata raises UnsafeCheckpointError itself
     reason = dcp_unreadable_reason(path)
     if reason is not None:
         if reason == 'no such directory':
             raise FileNotFoundError(f'{path} can not be found.')
         raise CheckpointError(f'cannot use DCP checkpoint {path}: {reason}')
+
 
 
 def load_dcp_extra(path: str) -> dict:
@@ -211,6 +239,15 @@ def dcp_tensor_specs(path: str, top: str) -> dict[str, tuple[tuple[int, ...], to
                                         'bytes, not a tensor')
         specs[fqn[len(top) + 1:]] = (tuple(md.size), md.properties.dtype)
     return specs
+
+
+def dcp_key_paths(path: str) -> set[tuple[str, ...]]:
+    """The key path of every entry of the checkpoint (``('state_dict', name)``,
+    ``('optimizer', 'state', name, 'exp_avg')``), from the metadata only."""
+    metadata = read_dcp_metadata(path)
+    paths = metadata.planner_data or {}
+    return {tuple(paths.get(fqn, tuple(fqn.split('.', 1))))
+            for fqn in metadata.state_dict_metadata}
 
 
 def _nested_empty(path: str) -> dict:
@@ -240,18 +277,15 @@ def load_dcp_checkpoint(path: str, map_location: Any = 'cpu') -> dict:
     format): what tools/test.py, tools/merge_adapters.py and an unsharded run read. Needs no
     process group. Holds the full model in memory (the tools do anyway)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     path = osp.expanduser(os.fspath(path))
-    if osp.isfile(osp.join(path, METADATA)):
-        read_dcp_metadata(path)  # an unsafe .metadata raises UnsafeCheckpointError itself
-    _check(path)
+    check_dcp_checkpoint(path)
     extra = load_dcp_extra(path)
     tensors = _nested_empty(path)
     try:
         dcp.load(tensors, storage_reader=safe_reader(path), no_dist=True)
-    except CheckpointError:
-        raise
-    except Exception as err:  # noqa: BLE001  (DCP wraps errors in CheckpointException)
-        raise CheckpointError(f'cannot read DCP checkpoint {path}: {err}') from err
+    except (Exception, CheckpointException) as err:  # noqa: BLE001  (DCP wraps errors)
+        raise _read_error(path, err) from err
     checkpoint = dict(extra)
     param_groups = checkpoint.pop(PARAM_GROUPS_KEY, None)
     checkpoint[MODEL_KEY] = tensors.get(MODEL_KEY, {})
@@ -268,12 +302,30 @@ def load_dcp_into(path: str, state: dict) -> None:
     """``dcp.load`` into ``state`` (a nested dict of this rank's tensors / DTensors: resharded
     to the current world size by DCP), with :class:`SafeFileSystemReader`; collective."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     try:
         dcp.load(state, storage_reader=safe_reader(path))
-    except CheckpointError:
-        raise
-    except Exception as err:  # noqa: BLE001  (DCP wraps errors in CheckpointException)
-        raise CheckpointError(f'cannot read DCP checkpoint {path}: {err}') from err
+    except (Exception, CheckpointException) as err:  # noqa: BLE001  (DCP wraps errors)
+        raise _read_error(path, err) from err
+
+
+def _read_error(path: str, err: BaseException) -> CheckpointError:
+    """The error to raise for a failed ``dcp.load``: DCP gathers each rank's exception into
+    one ``CheckpointException``; the first of ours (it names the shard file) is raised as it
+    is, with the rank that hit it, on every rank."""
+    if isinstance(err, CheckpointError):
+        return err
+    failures = getattr(err, 'failures', None) or {}
+    for rank, failure in sorted(failures.items()):
+        exc = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(exc, CheckpointError):
+            return type(exc)(f'{exc} (read by rank {rank})')
+    first = next(iter(sorted(failures.items())), None)
+    if first is not None:
+        exc = first[1][0] if isinstance(first[1], tuple) else first[1]
+        return CheckpointError(f'cannot read DCP checkpoint {path} (rank {first[0]}): '
+                               f'{type(exc).__name__}: {exc}')
+    return CheckpointError(f'cannot read DCP checkpoint {path}: {type(err).__name__}: {err}')
 
 
 # --------------------------------------------------------------------------- writing
@@ -308,25 +360,45 @@ def write_dcp_checkpoint(path: str, tensors: dict, extra: dict,
     """Write a DCP checkpoint directory at ``path``; every rank calls it (collective).
 
     ``tensors``: ``{'state_dict': ..., 'optimizer': {'state': ...}}`` of this rank (DTensors:
-    each rank writes only its own shards, straight from their storage; no rank gathers).
+    each rank writes only its own shards, straight from their storage; no rank gathers; plain
+    tensors are written by rank 0).
     ``extra``: the plain non-tensor state, written by rank 0. Everything goes into a temporary
     sibling directory (``.tmp-*``, cleared by ``remove_stale_temporaries`` after a kill), which
     rank 0 renames onto ``path`` when all ranks are done; ``on_commit(path)`` runs on rank 0
     right after (the adapter files), ``on_failure(path)`` if anything failed.
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
+    from torch.distributed.checkpoint.api import CheckpointException
     path = osp.abspath(os.fspath(path))
     tmp = None
     if _is_main():
-        os.makedirs(osp.dirname(path), exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=osp.dirname(path), prefix=TMP_PREFIX,
-                               suffix='-' + osp.basename(path))
+        try:
+            os.makedirs(osp.dirname(path), exist_ok=True)
+            tmp = tempfile.mkdtemp(dir=osp.dirname(path), prefix=TMP_PREFIX,
+                                   suffix='-' + osp.basename(path))
+        except OSError as err:  # named on every rank (they would wait for the name)
+            tmp = OSError(err.errno, f'{err.strerror}: could not create a directory beside '
+                                     f'{path}')
     tmp = _broadcast(tmp)
+    if isinstance(tmp, OSError):
+        if _is_main() and on_failure is not None:
+            on_failure(path)
+        raise CheckpointError(f'could not write DCP checkpoint {path}: {tmp}')
     try:
         # thread_count=1: one tensor in flight at a time (CPU shards are written from their
         # own storage; CUDA ones through a bounded copy-ahead buffer, torch's default 10 MB)
-        dcp.save(tensors, storage_writer=FileSystemWriter(tmp, thread_count=1))
+        try:
+            # a plain tensor (a buffer such as BN's running stats, which FSDP does not shard
+            # nor keep equal across ranks; an optimizer step) is written once, by rank 0: the
+            # values the gathered format saves (DCP's default picks the least loaded rank)
+            dcp.save(tensors, storage_writer=FileSystemWriter(tmp, thread_count=1),
+                     planner=DefaultSavePlanner(dedup_save_to_lowest_rank=True))
+        except CheckpointException as err:  # a BaseException: every rank gets it
+            first = next(iter(sorted(err.failures.items())), None)
+            what = (f'rank {first[0]}: {type(first[1][0]).__name__}: {first[1][0]}'
+                    if first else str(err))
+            raise CheckpointError(f'could not write DCP checkpoint {path} ({what})') from err
         failed = None
         if _is_main():
             try:
@@ -346,3 +418,28 @@ def write_dcp_checkpoint(path: str, tensors: dict, extra: dict,
         raise
     if _is_main() and on_commit is not None:
         on_commit(path)
+
+
+# --------------------------------------------------------------------------- conversion
+def dcp_to_file(src: str, dst: str, force: bool = False) -> dict:
+    """Write the DCP checkpoint directory ``src`` as one ordinary mmengine checkpoint file
+    ``dst``: the same dict the gathered format (``save_format='full'``) writes (full tensors,
+    the optimizer state keyed by parameter names), for code that reads files only (vanilla
+    mmdet / mmseg / mmrotate, ``torch.load``). Read in this process (no process group; the
+    whole model in memory), written atomically (a temporary file renamed onto ``dst``: a
+    failure leaves no partial file). Returns the checkpoint written."""
+    src = osp.expanduser(os.fspath(src))
+    dst = osp.expanduser(os.fspath(dst))
+    if not osp.isdir(src):
+        raise FileNotFoundError(f'{src} is not a DCP checkpoint directory'
+                                + ('' if osp.exists(src) else ' (it does not exist)'))
+    if osp.isdir(dst):
+        raise IsADirectoryError(f'{dst} is a directory: give the path of the file to write')
+    if osp.lexists(dst) and not force:
+        raise FileExistsError(f'{dst} exists (use force=True / --force to replace it)')
+    if osp.abspath(dst) == osp.abspath(src):
+        raise ValueError('the output must be another path than the checkpoint directory')
+    checkpoint = load_dcp_checkpoint(src)
+    with atomic_paths(dst) as (tmp,):
+        torch.save(checkpoint, tmp)
+    return checkpoint

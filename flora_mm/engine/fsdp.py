@@ -21,12 +21,15 @@ fragment = its sharded variant; no new command-line arguments):
   config then trains unsharded on one device.
 - ``runner_type='FSDPRunner'`` (``RUNNERS``): checkpoints. mmengine saves on rank 0 only, and
   a sharded model's ``state_dict()`` holds shards: rank 0 alone would write an incomplete file.
-  Every rank takes part in gathering the complete model and optimizer state
-  (``torch.distributed.checkpoint.state_dict``, full state, offloaded to the CPU), rank 0 writes
-  an ordinary mmengine checkpoint. Loading (``load_from``, ``--resume``, ``tools/test.py``) reads
-  the file on rank 0 and broadcasts it into the shards. The file is independent of the world
-  size, so a run resumes on any number of processes, and ``tools/test.py`` /
-  ``tools/merge_adapters.py`` read it like any other checkpoint.
+  With ``model_wrapper_cfg.save_format='full'`` (the default) every rank takes part in
+  gathering the complete model and optimizer state (``torch.distributed.checkpoint.state_dict``,
+  full state, offloaded to the CPU), rank 0 writes an ordinary mmengine checkpoint; loading
+  (``load_from``, ``--resume``, ``tools/test.py``) reads the file on rank 0 and broadcasts it
+  into the shards. With ``save_format='dcp'`` each rank writes its own shards into a
+  ``torch.distributed.checkpoint`` directory with the checkpoint's name
+  (``flora_mm.checkpoint.dcp``) and reads back only the chunks its shards need (resharded by
+  DCP). Both are independent of the world size, so a run resumes on any number of processes,
+  and ``tools/test.py`` / ``tools/merge_adapters.py`` read either.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ import copy
 import functools
 import logging
 import os
+import os.path as osp
 import re
 import time
 from typing import Any, Iterable, Sequence
@@ -50,6 +54,11 @@ from mmengine.runner.checkpoint import _load_checkpoint, save_checkpoint
 from mmengine.utils import apply_to
 from torch import nn
 
+from ..checkpoint import (ATOMIC_BACKEND, CheckpointError, check_dcp_checkpoint,
+                          commit_companions, discard_companions, is_dcp_checkpoint,
+                          load_dcp_into, write_dcp_checkpoint)
+from ..checkpoint.dcp import (MODEL_KEY, OPTIM_KEY, PARAM_GROUPS_KEY, dcp_key_paths,
+                              dcp_tensor_specs, load_dcp_extra)
 from ..dist import gather_full
 from ..models import describe
 from ..models._checkpoint import capture_pretrained, init_weights_from_cfg, pretrained_cfg
@@ -70,6 +79,22 @@ def _dtype(value: str | torch.dtype | None) -> torch.dtype | None:
         raise ValueError(f'dtype must be one of {sorted(k for k in _DTYPES if k)} or None, '
                          f'got {value!r}')
     return _DTYPES[value]
+
+
+#: how FSDPRunner writes checkpoints (``model_wrapper_cfg.save_format``)
+SAVE_FORMATS = {
+    'full': 'one ordinary mmengine checkpoint file, gathered and written by rank 0',
+    'dcp': 'a torch.distributed.checkpoint directory, each rank writes its own shards',
+}
+
+
+def check_save_format(value: Any) -> str:
+    """``value`` if it is one of :data:`SAVE_FORMATS`, else a ValueError saying what is."""
+    if not isinstance(value, str) or value not in SAVE_FORMATS:
+        choices = '; '.join(f'{k!r}: {v}' for k, v in SAVE_FORMATS.items())
+        raise ValueError(f'model_wrapper_cfg.save_format must be one of {sorted(SAVE_FORMATS)} '
+                         f'({choices}), got {value!r}')
+    return value
 
 
 def is_fully_sharded(model: nn.Module) -> bool:
@@ -345,6 +370,11 @@ class FullyShardedModel(nn.Module):
             ``tools/test.py``): the meta-device start zero-fills parameters that nothing else
             initialises (the backbone of a test run, which reads no pretrained file) instead
             of refusing them.
+        save_format: how :class:`FSDPRunner` writes checkpoints of this model: ``'full'``
+            (one ordinary mmengine file: every rank gathers, rank 0 writes) or ``'dcp'`` (a
+            ``torch.distributed.checkpoint`` directory with the mmengine name, ``iter_N.pth/``:
+            each rank writes its own shards, no rank holds the whole state). Loading reads
+            either, on any number of processes.
     """
 
     def __init__(self, module: nn.Module, units: Sequence[str] | None = None,
@@ -352,8 +382,9 @@ class FullyShardedModel(nn.Module):
                  param_dtype: str | None = None, reduce_dtype: str | None = 'float32',
                  reshard_after_forward: bool = True, init_before_sharding: bool = True,
                  meta_init: bool = False, init_seed: int | None = None,
-                 checkpoint_follows: bool = False) -> None:
+                 checkpoint_follows: bool = False, save_format: str = 'full') -> None:
         super().__init__()
+        self.save_format = check_save_format(save_format)
         options = dict(units=units, activation_checkpointing=activation_checkpointing,
                        param_dtype=param_dtype, reduce_dtype=reduce_dtype,
                        reshard_after_forward=reshard_after_forward)
@@ -497,6 +528,16 @@ class FSDPRunner(FLoRARunner):
     and ``FullyShardedModel`` starts it shard by shard (``meta_start``).
     """
 
+    def __init__(self, *args, **kwargs) -> None:
+        # a wrong save_format is named before anything is built (and in a run without a
+        # launcher, which does not wrap the model, too)
+        # (mmengine's from_cfg passes the wrapper config inside cfg)
+        wrapper_cfg = (kwargs.get('model_wrapper_cfg')
+                       or (kwargs.get('cfg') or {}).get('model_wrapper_cfg'))
+        if _wraps_fully_sharded(wrapper_cfg):
+            check_save_format(wrapper_cfg.get('save_format', 'full'))
+        super().__init__(*args, **kwargs)
+
     def _meta_init_wanted(self) -> bool:
         cfg = self.cfg.get('model_wrapper_cfg')
         return (self.distributed and _wraps_fully_sharded(cfg)
@@ -620,14 +661,14 @@ class FSDPRunner(FLoRARunner):
         if not is_fully_sharded(self.model):
             return super().save_checkpoint(out_dir, filename, file_client_args, save_optimizer,
                                            save_param_scheduler, meta, by_epoch, backend_args)
+        if getattr(self.model, 'save_format', 'full') == 'dcp':
+            return self._save_dcp(out_dir, filename, file_client_args, save_optimizer,
+                                  save_param_scheduler, meta, by_epoch, backend_args)
         model = self.model.module
         state_dict = full_model_state_dict(model)  # collective: every rank
         optim_state = None
         if save_optimizer:
-            if type(self.optim_wrapper) is not OptimWrapper:
-                raise TypeError('sharded checkpoints support a plain OptimWrapper (FSDP2 does '
-                                'the mixed precision; no AmpOptimWrapper / OptimWrapperDict), '
-                                f'got {type(self.optim_wrapper).__name__}')
+            self._check_optim_wrapper()
             optim_state = full_optimizer_state_dict(model, self.optim_wrapper.optimizer)
         checkpoint, filepath = self._checkpoint_dict(out_dir, filename, state_dict, optim_state,
                                                      save_param_scheduler, meta, by_epoch,
@@ -638,6 +679,64 @@ class FSDPRunner(FLoRARunner):
         if is_main_process():
             save_checkpoint(checkpoint, filepath, backend_args=backend_args)
         dist.barrier()
+
+    def _check_optim_wrapper(self) -> None:
+        if type(self.optim_wrapper) is not OptimWrapper:
+            raise TypeError('sharded checkpoints support a plain OptimWrapper (FSDP2 does '
+                            'the mixed precision; no AmpOptimWrapper / OptimWrapperDict), '
+                            f'got {type(self.optim_wrapper).__name__}')
+
+    def _save_dcp(self, out_dir, filename, file_client_args, save_optimizer,
+                  save_param_scheduler, meta, by_epoch, backend_args) -> None:
+        """``save_format='dcp'``: every rank writes its own shards of the model and optimizer
+        (``get_model_state_dict`` / ``get_optimizer_state_dict`` with
+        ``full_state_dict=False``: DTensors, nothing gathered; the optimizer state keyed by
+        parameter names) into a DCP directory with the checkpoint's name, rank 0 adds the
+        rest (meta, message hub, schedulers, the hooks' entries: random state, PEFT methods)
+        as ``extra_state.pth`` and renames the directory into place
+        (``flora_mm.checkpoint.write_dcp_checkpoint``). The hooks run on every rank and see
+        the sharded tensors (DTensors: a check such as FiniteCheckHook's ``isfinite().all()``
+        is a collective, so every rank reaches the same verdict); if a hook fails on any rank
+        nothing is written, on every rank."""
+        from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        _check_local_storage(out_dir, file_client_args, backend_args)
+        model = self.model.module
+        state_dict = get_model_state_dict(model, options=_options(full_state_dict=False))
+        optim_state = None
+        if save_optimizer:
+            self._check_optim_wrapper()
+            optim_state = get_optimizer_state_dict(model, self.optim_wrapper.optimizer,
+                                                   options=_options(full_state_dict=False))
+        checkpoint, filepath = self._checkpoint_dict(out_dir, filename, state_dict, optim_state,
+                                                     save_param_scheduler, meta, by_epoch,
+                                                     backend_args)
+        checkpoint['meta']['sharded']['format'] = 'dcp'
+        error = None
+        try:
+            self.call_hook('before_save_checkpoint', checkpoint=checkpoint)
+        except Exception as err:  # noqa: BLE001 (re-raised below, after the ranks agree)
+            error = err
+        failures = [None] * dist.get_world_size()
+        dist.all_gather_object(failures, None if error is None
+                               else f'{type(error).__name__}: {error}')
+        failed = [(rank, message) for rank, message in enumerate(failures) if message]
+        if failed:
+            if is_main_process():
+                discard_companions(filepath)  # the adapter files staged for it
+            if error is not None:
+                raise error
+            raise RuntimeError(f'sharded checkpoint {filepath} not written: rank '
+                               f'{failed[0][0]} failed before saving: {failed[0][1]}')
+        tensors = {MODEL_KEY: checkpoint.pop('state_dict')}
+        optim_state = checkpoint.pop('optimizer', None)
+        if optim_state is not None:
+            tensors[OPTIM_KEY] = {'state': optim_state['state']}
+            checkpoint[PARAM_GROUPS_KEY] = optim_state['param_groups']
+        write_dcp_checkpoint(filepath, tensors, checkpoint, on_commit=commit_companions,
+                             on_failure=discard_companions)
+        self.logger.info(f'FSDP: sharded checkpoint (DCP) {filepath}, '
+                         f'{dist.get_world_size()} shard files')
 
     def _checkpoint_dict(self, out_dir, filename, state_dict, optim_state, save_param_scheduler,
                          meta, by_epoch, backend_args) -> tuple[dict, str]:
@@ -679,6 +778,9 @@ class FSDPRunner(FLoRARunner):
                         revise_keys: list = [(r'^module.', '')]):  # noqa: B006 (mmengine's)
         if not is_fully_sharded(self.model):
             return super().load_checkpoint(filename, map_location, strict, revise_keys)
+        self._fsdp_dcp_path = None
+        if is_dcp_checkpoint(osp.expanduser(str(filename))):
+            return self._load_dcp(filename, strict, revise_keys)
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
         # rank 0 reads the file; the small parts go to every rank, the tensors are broadcast
         # into the shards by torch (one tensor at a time)
@@ -726,6 +828,106 @@ class FSDPRunner(FLoRARunner):
         self.logger.info(f'Load checkpoint from {filename} into the sharded model')
         return checkpoint
 
+    def _load_dcp(self, filename: str, strict: bool, revise_keys: list) -> dict:
+        """A DCP checkpoint directory into the sharded model: rank 0 checks that it is complete
+        (every shard file there, ``.metadata`` safe) and reads its small part, every rank
+        gets that; then every rank reads the chunks its own shards need (``dcp.load``
+        reshards: the directory may come from any number of processes) into the sharded
+        state dict, which ``set_model_state_dict`` loads. Nothing is gathered."""
+        from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
+                                                             set_model_state_dict)
+        path = osp.abspath(osp.expanduser(str(filename)))
+        info, error = [None], None
+        if get_rank() == 0:
+            try:
+                check_dcp_checkpoint(path)
+                extra = load_dcp_extra(path)
+                info = [dict(extra=extra, specs=dcp_tensor_specs(path, MODEL_KEY),
+                             has_optimizer=(PARAM_GROUPS_KEY in extra or any(
+                                 p[0] == OPTIM_KEY for p in dcp_key_paths(path))))]
+            except Exception as err:  # noqa: BLE001 (raised below, named on every rank)
+                error = err
+                info = [dict(error=f'{type(err).__name__}: {err}')]
+        broadcast_object_list(info, src=0)
+        if error is not None:
+            raise error
+        if 'error' in info[0]:
+            raise CheckpointError(f'rank 0 could not read {path}: {info[0]["error"]}')
+        extra, specs = info[0]['extra'], info[0]['specs']
+        self._fsdp_has_optimizer = info[0]['has_optimizer']
+        checkpoint = dict(extra)
+        checkpoint.pop(PARAM_GROUPS_KEY, None)
+        self._fsdp_param_groups = extra.get(PARAM_GROUPS_KEY)
+        # the hooks see the file's keys, shapes and dtypes (meta tensors), as on the ranks > 0
+        # of the gathered format
+        checkpoint['state_dict'] = {k: torch.empty(shape, dtype=dtype, device='meta')
+                                    for k, (shape, dtype) in specs.items()}
+        self.call_hook('after_load_checkpoint', checkpoint=checkpoint)
+        model = self.model.module
+        current = get_model_state_dict(model, options=_options(full_state_dict=False))
+        names = {}  # name in the model -> name in the checkpoint
+        for key in specs:
+            new = key
+            for pattern, repl in revise_keys:
+                new = re.sub(pattern, repl, new)
+            names[new] = key
+        missing = sorted(set(current) - set(names))
+        unexpected = sorted(set(names) - set(current))
+        if strict and (missing or unexpected):
+            raise KeyError(f'{path}: missing keys {missing[:10]}, unexpected keys '
+                           f'{unexpected[:10]}')
+        if missing or unexpected:
+            self.logger.warning(f'{path}: {len(missing)} missing keys (e.g. {missing[:5]}), '
+                                f'{len(unexpected)} unexpected (e.g. {unexpected[:5]}): not '
+                                'loaded')
+        wanted = {names[k]: v for k, v in current.items() if k in names}
+        load_dcp_into(path, {MODEL_KEY: wanted})
+        set_model_state_dict(model, {k: wanted[names[k]] for k in current if k in names},
+                             options=_options(full_state_dict=False, strict=False))
+        self._fsdp_optimizer_state = None
+        self._fsdp_dcp_path = path
+        self._has_loaded = True
+        self.logger.info(f'Load sharded checkpoint (DCP) from {path} into the sharded model '
+                         f'(world size {dist.get_world_size()})')
+        return checkpoint
+
+    def _resume_dcp_optimizer(self, path: str) -> None:
+        """The optimizer state of the DCP checkpoint ``path`` into this rank's shards: the
+        sharded optimizer state dict (``get_optimizer_state_dict(full_state_dict=False)``,
+        which first creates the state with a zero-lr step) is filled by ``dcp.load`` and
+        loaded with the checkpoint's param_groups (parameter names) by
+        ``set_optimizer_state_dict``. Parameters without state in the checkpoint (frozen ones:
+        the optimizer never stepped them) get none."""
+        from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
+                                                             set_optimizer_state_dict)
+        model, optimizer = self.model.module, self.optim_wrapper.optimizer
+        state = get_optimizer_state_dict(model, optimizer,
+                                         options=_options(full_state_dict=False))
+        saved = dcp_key_paths(path)
+        wanted, stateless, other = {}, [], []
+        for name, entries in state['state'].items():
+            present = [k for k in entries if (OPTIM_KEY, 'state', name, k) in saved]
+            if not present:
+                stateless.append(name)
+            elif len(present) != len(entries):
+                other.append(f'{name}: {sorted(entries)} vs saved {sorted(present)}')
+            else:
+                wanted[name] = entries
+        if other:
+            raise CheckpointError(f'--resume: the optimizer state in {path} has other entries '
+                                  f'than this optimizer ({other[:3]}): another optimizer type?')
+        if stateless:  # trainable, but never stepped in the saved run (no gradient yet)
+            self.logger.warning(f'{path}: no optimizer state for {len(stateless)} trained '
+                                f'parameters (e.g. {stateless[:5]}); they start without one, '
+                                'as in the saved run')
+        groups = self._fsdp_param_groups
+        if not groups:
+            raise CheckpointError(f'--resume: {path} has optimizer state but no param_groups '
+                                  'in its extra_state.pth')
+        load_dcp_into(path, {OPTIM_KEY: {'state': wanted}})
+        set_optimizer_state_dict(model, optimizer, dict(state=wanted, param_groups=groups),
+                                 options=_options(full_state_dict=False, strict=False))
+
     def resume(self, filename: str, resume_optimizer: bool = True,
                resume_param_scheduler: bool = True, map_location: Any = 'default') -> None:
         if not is_fully_sharded(self.model):
@@ -738,11 +940,25 @@ class FSDPRunner(FLoRARunner):
         self._fsdp_optimizer_state = None
         if resume_optimizer and self._fsdp_has_optimizer:
             self.optim_wrapper = self.build_optim_wrapper(self.optim_wrapper)
+            if self._fsdp_dcp_path is not None:
+                self._resume_dcp_optimizer(self._fsdp_dcp_path)
+                self.logger.info('resumed the sharded optimizer state (DCP)')
+                return
             set_optimizer_state_dict(
                 self.model.module, self.optim_wrapper.optimizer,
                 optim_state if get_rank() == 0 else {},
                 options=_options(full_state_dict=True, broadcast_from_rank0=True))
             self.logger.info('resumed the sharded optimizer state')
+
+
+def _check_local_storage(out_dir: str, file_client_args, backend_args) -> None:
+    """DCP directories are written to a local (or mounted) file system."""
+    backend = (backend_args or {}).get('backend')
+    if (file_client_args or backend not in (None, 'local', ATOMIC_BACKEND)
+            or '://' in str(out_dir)):
+        raise ValueError(f'save_format=\'dcp\' writes to a local or mounted file system; '
+                         f'{out_dir} with backend_args={backend_args!r} / file_client_args='
+                         f'{file_client_args!r} is not one (use save_format=\'full\')')
 
 
 def full_key_names(model: nn.Module) -> list[str]:

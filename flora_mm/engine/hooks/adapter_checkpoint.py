@@ -38,6 +38,7 @@ class AdapterCheckpointHook(Hook):
         self.checkpoint = checkpoint
         self._fingerprint: str | None = None
         self._resumed: tuple[str, dict] | None = None
+        self._warned = False
 
     def before_run(self, runner) -> None:
         self._resumed = None
@@ -85,9 +86,26 @@ class AdapterCheckpointHook(Hook):
                      for h in checkpoint_hooks(runner))
         self._write(runner, unwrap(runner.model), path, meta, commit_with_checkpoint=atomic)
 
+    def _warn_if_whole_model(self, runner, model: nn.Module) -> None:
+        """Once per run: under ``save_format='dcp'`` (no rank gathers the checkpoint) the
+        adapter file still gathers every trained tensor on rank 0; say so when that is nearly
+        the whole model (> 90%: Full fine-tuning)."""
+        if self._warned or getattr(runner.model, 'save_format', None) != 'dcp':
+            return
+        self._warned = True
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        if total and trained / total > 0.9:
+            runner.logger.warning(
+                f'FLoRAHook: the adapter file gathers every trained tensor on rank 0 '
+                f'({trained:,} of {total:,} parameters), although save_format=\'dcp\' '
+                'writes the checkpoint without gathering; the checkpoint directory holds '
+                'them all: FLoRAHook(save_adapter=False) turns the adapter file off')
+
     def _write(self, runner, model: nn.Module, checkpoint_path: str, meta: dict,
                commit_with_checkpoint: bool) -> None:
         path = adapter_path(checkpoint_path)
+        self._warn_if_whole_model(runner, model)
         # every rank takes part in gathering FSDP-sharded tensors (FSDPRunner runs the
         # checkpoint hooks on every rank); rank 0 writes
         tensors = gathered_trainable_state_dict(model, rank0_only=True)
