@@ -6,6 +6,7 @@ import os.path as osp
 
 import pytest
 
+from flora_mm.cli.measure_host_memory import parse_args
 from flora_mm.harness import host_memory as hm
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -35,10 +36,10 @@ def test_bad_sizes_and_options_are_refused(capsys):
     with pytest.raises(ValueError, match='depth'):
         hm.arch_dict(64, 2, 2)
     with pytest.raises(SystemExit) as exc:
-        hm.parse_args(['--embed-dim', '100', '--num-heads', '3'])
+        parse_args(['--embed-dim', '100', '--num-heads', '3'])
     assert exc.value.code == 2 and 'multiple of num_heads' in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        hm.parse_args(['--save-formats', 'zip'])
+        parse_args(['--save-formats', 'zip'])
     with pytest.raises(RuntimeError, match='min-available-gib'):
         hm.wait_for_memory(2 ** 60, wait_s=0)
 

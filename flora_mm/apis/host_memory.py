@@ -133,13 +133,23 @@ def _pretrained_modules(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
 
 def _file_tensors_of(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """The state-dict entries of a backbone that a pretrained file fills: everything but the
-    adapters' own tensors and, for InternViT, the simple FPN (``up1``..``up4``)."""
+    adapters' own tensors and the modules its description says the file lacks
+    (``modules_to_save``, e.g. InternViT's simple FPN)."""
+    import re
+
     from ..models._checkpoint import _adapter_prefixes
+    from ..models.descriptions import describe
     adapter = _adapter_prefixes()
-    skip = ('up1.', 'up2.', 'up3.', 'up4.') if type(module).__name__ == 'InternViT' else ()
+    new_modules = [re.compile(p) for p in describe(module).modules_to_save()]
+
+    def is_new(key: str) -> bool:
+        parts = key.split('.')[:-1]
+        return any(p.search('.'.join(parts[:i])) for p in new_modules
+                   for i in range(1, len(parts) + 1))
+
     out = []
     for key, value in module.state_dict(keep_vars=True).items():
-        if skip and key.startswith(skip):
+        if new_modules and is_new(key):
             continue
         if any(part.startswith(adapter) for part in key.split('.')):
             continue

@@ -33,7 +33,6 @@ import os
 import os.path as osp
 import socket
 import subprocess
-import sys
 import time
 from typing import Optional, Sequence
 
@@ -331,44 +330,9 @@ def markdown(rows: list[dict]) -> str:
     return '\n'.join(lines)
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    from ..cli._args import finite_float, positive_int
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--out', default='work_dirs/host_memory', help='output folder')
-    parser.add_argument('--procs', type=positive_int, default=2, help='gloo processes')
-    parser.add_argument('--methods', nargs='+', choices=METHODS, default=list(METHODS))
-    parser.add_argument('--starts', nargs='+', choices=STARTS, default=list(STARTS))
-    parser.add_argument('--save-formats', nargs='+', choices=SAVE_FORMATS, default=['full'])
-    parser.add_argument('--save-format-option', default='model_wrapper_cfg.save_format',
-                        help='the config key that selects the save format (dcp runs)')
-    parser.add_argument('--embed-dim', type=positive_int, default=1536)
-    parser.add_argument('--depth', type=positive_int, default=14)
-    parser.add_argument('--num-heads', type=positive_int, default=16)
-    parser.add_argument('--dtype', choices=('bfloat16', 'float32'), default='bfloat16',
-                        help='storage dtype of the backbone and the pretrained file')
-    parser.add_argument('--no-load', action='store_true', help='skip the resume runs')
-    parser.add_argument('--project', nargs='*', type=positive_int, default=None,
-                        metavar='GPUS', help='no runs: print the projection of the '
-                        'InternViT-6B configs (Full, FLoRA) on these GPU counts (default 8 16)')
-    parser.add_argument('--host-overhead-gib', type=finite_float(ge=0), default=None,
-                        help="with --project: the process overhead (default: this process's "
-                        'RSS after building the model, as tools/estimate_memory.py)')
-    parser.add_argument('--report-only', action='store_true',
-                        help='no runs: rebuild the tables of the variants measured in --out')
-    parser.add_argument('--min-available-gib', type=finite_float(gt=0), default=10.0)
-    parser.add_argument('--wait-s', type=finite_float(ge=0), default=600.0)
-    parser.add_argument('--timeout-s', type=finite_float(gt=0), default=1800.0)
-    parser.add_argument('--python', default=sys.executable)
-    args = parser.parse_args(argv)
-    try:
-        args.arch = arch_dict(args.embed_dim, args.depth, args.num_heads)
-    except ValueError as err:
-        parser.error(str(err))
-    return args
-
-
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-    args = parse_args(argv)
+def measure(args: argparse.Namespace, argv: Sequence[str]) -> dict:
+    """Run the variants ``args`` names (``flora_mm.cli.measure_host_memory`` parses them;
+    ``argv`` is kept as the command in the report)."""
     root = find_checkout('configs', 'tools')
     if root is None:
         raise SystemExit('host memory harness: needs a checkout (configs/, tools/)')
@@ -405,8 +369,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                               pretrained_bytes=os.path.getsize(pretrained),
                               machine=_machine(),
                               date=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
-                              command=' '.join(['tools/measure_host_memory.py'] + list(
-                                  sys.argv[1:] if argv is None else argv)))
+                              command=' '.join(['tools/measure_host_memory.py', *argv]))
                 key = _key(result)
                 results = [r for r in results if _key(r) != key] + [result]
                 rows = [row for r in results for row in summarise(r)]
