@@ -19,6 +19,25 @@ TINY_CONFIGS = {
 }
 
 
+# what torchrun / slurm set for a rank; a tool's parse_args run in-process exports LOCAL_RANK
+# (mmdet's convention), slurm_environment() the rest
+LAUNCHER_ENV = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR',
+                'MASTER_PORT', 'GROUP_RANK', 'TORCHELASTIC_RUN_ID')
+
+
+@pytest.fixture(autouse=True)
+def _launcher_env_restored():
+    """No test leaves launcher variables behind: a later subprocess that inherits LOCAL_RANK
+    takes itself for a torchrun rank (and fails without RANK)."""
+    saved = {key: os.environ.get(key) for key in LAUNCHER_ENV}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``cuda`` skip without a CUDA device, with the reason in the summary."""
     import torch
