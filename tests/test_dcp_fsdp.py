@@ -36,18 +36,12 @@ from flora_mm.checkpoint import CheckpointError, dcp_to_file, load_checkpoint_fi
 from flora_mm.checkpoint.dcp import EXTRA_STATE, METADATA, read_dcp_metadata
 from flora_mm.datasets.checkpoints import generate_checkpoints
 from flora_mm.datasets.tiny import generate_ade20k
+from flora_mm.harness.launch import free_port
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TINY = osp.join(ROOT, 'configs/ade20k/tiny/internvit6b_flora_r16.py')
 FRAGMENT = osp.join(ROOT, 'configs/_base_/fsdp.py')
 WORKER = osp.join(ROOT, 'tests/_dcp_worker.py')
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def _run(cmd: list[str], cwd, timeout: int = 500) -> str:
@@ -67,7 +61,7 @@ def _launch(tmp, procs: int | None, plan: list[dict], tag: str) -> str:
         cmd = [sys.executable, WORKER, str(plan_file), str(tmp / 'results')]
     else:
         cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={procs}',
-               f'--master_port={_free_port()}', WORKER, str(plan_file), str(tmp / 'results')]
+               f'--master_port={free_port()}', WORKER, str(plan_file), str(tmp / 'results')]
     return _run(cmd, tmp)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import os.path as osp
-import socket
 import subprocess
 import sys
 
@@ -20,15 +19,10 @@ import torch
 
 from flora_mm.datasets.checkpoints import generate_checkpoints
 from flora_mm.datasets.tiny import generate
+from flora_mm.harness.launch import free_port
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TINY_COCO = osp.join(ROOT, 'configs/coco/tiny/convnextv2_flora_r16.py')
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def test_dist_train_two_cpu_processes(tmp_path):
@@ -40,7 +34,7 @@ def test_dist_train_two_cpu_processes(tmp_path):
                       "custom_imports = dict(imports=['flora_mm', '_dist_dump_hook'], "
                       'allow_failed_imports=False)\n'
                       "custom_hooks = [dict(type='RankDumpFLoRAHook', norm_interval=0)]\n")
-    env = dict(os.environ, PYTHON=sys.executable, PORT=str(_free_port()), OMP_NUM_THREADS='1',
+    env = dict(os.environ, PYTHON=sys.executable, PORT=str(free_port()), OMP_NUM_THREADS='1',
                PYTHONPATH=os.pathsep.join([osp.join(ROOT, 'tests'),
                                            os.environ.get('PYTHONPATH', '')]))
     cmd = ['bash', osp.join(ROOT, 'tools/dist_train.sh'), str(config), '2',

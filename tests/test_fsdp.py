@@ -14,20 +14,14 @@ from __future__ import annotations
 
 import os
 import os.path as osp
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+from flora_mm.harness.launch import free_port
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def _torchrun(args: list[str], nproc: int = 2, timeout: int = 300, cwd: str | None = None,
@@ -37,7 +31,7 @@ def _torchrun(args: list[str], nproc: int = 2, timeout: int = 300, cwd: str | No
                                            os.environ.get('PYTHONPATH', '')]))
     env.update(extra_env or {})
     cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}',
-           f'--master_port={_free_port()}'] + args
+           f'--master_port={free_port()}'] + args
     proc = subprocess.run(cmd, cwd=cwd or ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

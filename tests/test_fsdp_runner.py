@@ -20,21 +20,15 @@ import torch
 
 from flora_mm.datasets.checkpoints import generate_checkpoints
 from flora_mm.datasets.tiny import generate_ade20k
+from flora_mm.harness.launch import free_port
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TINY = osp.join(ROOT, 'configs/ade20k/tiny/internvit6b_flora_r16.py')
 FRAGMENT = osp.join(ROOT, 'configs/_base_/fsdp.py')
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def _run(cmd: list[str], cwd, timeout: int = 400) -> str:
-    env = dict(os.environ, PYTHON=sys.executable, PORT=str(_free_port()), OMP_NUM_THREADS='1',
+    env = dict(os.environ, PYTHON=sys.executable, PORT=str(free_port()), OMP_NUM_THREADS='1',
                PYTHONPATH=os.pathsep.join([ROOT, os.environ.get('PYTHONPATH', '')]))
     proc = subprocess.run(cmd, cwd=str(cwd), env=env, capture_output=True, text=True,
                           timeout=timeout)

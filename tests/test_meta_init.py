@@ -28,21 +28,15 @@ from torch import nn
 
 from flora_mm.datasets.checkpoints import generate_checkpoints
 from flora_mm.datasets.tiny import generate_ade20k
+from flora_mm.harness.launch import free_port
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TINY = osp.join(ROOT, 'configs/ade20k/tiny/internvit6b_flora_r16.py')
 FRAGMENT = osp.join(ROOT, 'configs/_base_/fsdp.py')
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict:
-    return dict(os.environ, PYTHON=sys.executable, PORT=str(_free_port()), OMP_NUM_THREADS='1',
+    return dict(os.environ, PYTHON=sys.executable, PORT=str(free_port()), OMP_NUM_THREADS='1',
                 PYTHONPATH=os.pathsep.join([ROOT, osp.join(ROOT, 'tests'),
                                             os.environ.get('PYTHONPATH', '')]))
 
@@ -60,7 +54,7 @@ def test_meta_start_matches_gathered_start(tmp_path):
     out = tmp_path / 'out'
     out.mkdir()
     _run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
-          f'--master_port={_free_port()}', osp.join(ROOT, 'tests/_meta_worker.py'), TINY,
+          f'--master_port={free_port()}', osp.join(ROOT, 'tests/_meta_worker.py'), TINY,
           str(out)], tmp_path)
     ranks = [torch.load(out / f'rank{r}.pt', weights_only=False) for r in (0, 1)]
     pretrained = torch.load(tmp_path / 'data/tiny/checkpoints/internvit_tiny.pth',

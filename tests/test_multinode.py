@@ -31,7 +31,6 @@ import json
 import os
 import os.path as osp
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -41,6 +40,7 @@ import torch
 
 from flora_mm.datasets.checkpoints import generate_checkpoints
 from flora_mm.datasets.tiny import generate_ade20k
+from flora_mm.harness.launch import free_port
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOOLS = osp.join(ROOT, 'tools')
@@ -50,12 +50,6 @@ OPTIONS = ['train_dataloader.batch_size=2', 'train_cfg.val_interval=1000',
            'default_hooks.checkpoint.interval=2', 'default_hooks.logger.interval=1',
            'val_cfg=None', 'val_dataloader=None', 'val_evaluator=None', 'randomness.seed=7']
 TIMEOUT = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra: str) -> dict:
@@ -127,7 +121,7 @@ def _dist_train(config, work, procs: int, iters: int, *extra: str) -> list[str]:
 
 
 def _two_nodes(tmp, cmd: list[str], name: str) -> list[str]:
-    port = str(_free_port())
+    port = str(free_port())
     launches = [(cmd, _env(NNODES='2', NODE_RANK=str(node), MASTER_ADDR='127.0.0.1', PORT=port))
                 for node in (0, 1)]
     return _launch_together(launches, tmp, [tmp / f'{name}_node{n}.log' for n in (0, 1)])
@@ -150,7 +144,7 @@ def test_two_nodes_train_and_resume_equal_one_node(data):
     assert 'resumed epoch: 0, iter: 2' in resumed[0], resumed[0][-4000:]
 
     ref_work = tmp / 'one_node'
-    _launch_together([(_dist_train(config, ref_work, 2, 4), _env(PORT=str(_free_port())))],
+    _launch_together([(_dist_train(config, ref_work, 2, 4), _env(PORT=str(free_port())))],
                      tmp, [tmp / 'one_node.log'])
 
     for it in (2, 4):
@@ -245,7 +239,7 @@ def fake_slurm(tmp_path):
 def test_slurm_train_and_test_two_tasks(data, fake_slurm, tmp_path):
     tmp, config = data
     work = tmp / 'slurm'
-    env = _env(GPUS='2', GPUS_PER_NODE='1', CPUS_PER_TASK='1', MASTER_PORT=str(_free_port()),
+    env = _env(GPUS='2', GPUS_PER_NODE='1', CPUS_PER_TASK='1', MASTER_PORT=str(free_port()),
                **fake_slurm)
     train = ['bash', osp.join(TOOLS, 'slurm_train.sh'), 'cpu', 'flora_tiny', str(config),
              str(work), '--cfg-options', *OPTIONS, 'train_cfg.max_iters=2']
@@ -256,7 +250,7 @@ def test_slurm_train_and_test_two_tasks(data, fake_slurm, tmp_path):
     cores = [k for k in ckpt['state_dict'] if k.endswith('flora_core')]
     assert cores and all(ckpt['state_dict'][k].abs().max() > 0 for k in cores)
 
-    env = dict(env, GRES='', MASTER_PORT=str(_free_port()))
+    env = dict(env, GRES='', MASTER_PORT=str(free_port()))
     test = ['bash', osp.join(TOOLS, 'slurm_test.sh'), 'cpu', 'flora_tiny_test', str(config),
             str(work / 'iter_2.pth'), '--work-dir', str(tmp / 'slurm_test')]
     log, = _launch_together([(test, env)], tmp, [tmp_path / 'slurm_test.log'])

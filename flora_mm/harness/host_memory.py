@@ -31,12 +31,11 @@ import glob
 import json
 import os
 import os.path as osp
-import socket
 import subprocess
 import time
 from typing import Optional, Sequence
 
-from .launch import child_env, find_checkout, tool_command
+from .launch import child_env, find_checkout, free_port, tool_command
 
 METHODS = ('flora', 'full')
 STARTS = ('gathered', 'meta')
@@ -69,12 +68,6 @@ def wait_for_memory(min_bytes: int, wait_s: float, poll_s: float = 10.0) -> int:
         raise RuntimeError(f'host memory: {available / GIB:.1f} GiB available, the run needs '
                            f'{min_bytes / GIB:.1f} GiB (--min-available-gib); not started')
     return available
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def arch_dict(embed_dim: int, depth: int, num_heads: int) -> dict:
@@ -146,7 +139,7 @@ def run_variant(root: str, cwd: str, python: str, procs: int, method: str, start
                   work_dir=work, runs=[])
     for number, (iters, resume) in enumerate(((1, False), (2, True))[:1 + int(with_load)]):
         available = wait_for_memory(min_available, wait_s)
-        env = child_env(dict(os.environ, OMP_NUM_THREADS='1', PORT=str(_free_port()),
+        env = child_env(dict(os.environ, OMP_NUM_THREADS='1', PORT=str(free_port()),
                              PYTHON=python), cwd=cwd)
         args = [config, '--work-dir', work] + (['--resume'] if resume else []) + \
             _train_options(iters, extra)

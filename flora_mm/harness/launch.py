@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import os.path as osp
 import site
+import socket
 import sys
 from typing import Mapping, Optional, Sequence
 
@@ -68,6 +69,14 @@ def child_env(env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None
         if osp.isdir(other) and not _same_dir(other, osp.join(root, 'flora_mm')):
             env['PYTHONSAFEPATH'] = '1'
     return env
+
+
+def free_port() -> int:
+    """A TCP port free on this host now, for a launch's rendezvous (the kernel picks it; it is
+    released before the launcher binds it, so another process could take it in between)."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
 
 
 def tool_command(tool: str, args: Sequence[str], python: str = sys.executable, gpus: int = 1,
