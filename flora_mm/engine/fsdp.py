@@ -774,6 +774,17 @@ class FSDPRunner(FLoRARunner):
         return checkpoint, filepath
 
     # -- load -----------------------------------------------------------------------------------
+    def _check_keys(self, source: str, missing: list, unexpected: list, strict: bool) -> None:
+        """A checkpoint's keys against the model's, for both save formats: an error under
+        ``strict``, else a warning naming a few (what mmengine's loader does)."""
+        if strict and (missing or unexpected):
+            raise KeyError(f'{source}: missing keys {missing[:10]}, unexpected keys '
+                           f'{unexpected[:10]}')
+        if missing or unexpected:
+            self.logger.warning(f'{source}: {len(missing)} missing keys (e.g. {missing[:5]}), '
+                                f'{len(unexpected)} unexpected (e.g. {unexpected[:5]}): not '
+                                'loaded')
+
     def load_checkpoint(self, filename: str, map_location: Any = 'cpu', strict: bool = False,
                         revise_keys: list = [(r'^module.', '')]):  # noqa: B006 (mmengine's)
         if not is_fully_sharded(self.model):
@@ -809,13 +820,7 @@ class FSDPRunner(FLoRARunner):
             expected = set(full_key_names(model))
             missing = sorted(expected - set(state_dict))
             unexpected = sorted(set(state_dict) - expected)
-            if strict and (missing or unexpected):
-                raise KeyError(f'{filename}: missing keys {missing[:10]}, unexpected keys '
-                               f'{unexpected[:10]}')
-            if missing or unexpected:
-                self.logger.warning(f'{filename}: {len(missing)} missing keys (e.g. '
-                                    f'{missing[:5]}), {len(unexpected)} unexpected (e.g. '
-                                    f'{unexpected[:5]}): not loaded')
+            self._check_keys(filename, missing, unexpected, strict)
             state_dict = {k: v for k, v in state_dict.items() if k in expected}
             for key in missing:  # torch's broadcast expects every key: keep current values
                 state_dict[key] = None
@@ -873,13 +878,7 @@ class FSDPRunner(FLoRARunner):
             names[new] = key
         missing = sorted(set(current) - set(names))
         unexpected = sorted(set(names) - set(current))
-        if strict and (missing or unexpected):
-            raise KeyError(f'{path}: missing keys {missing[:10]}, unexpected keys '
-                           f'{unexpected[:10]}')
-        if missing or unexpected:
-            self.logger.warning(f'{path}: {len(missing)} missing keys (e.g. {missing[:5]}), '
-                                f'{len(unexpected)} unexpected (e.g. {unexpected[:5]}): not '
-                                'loaded')
+        self._check_keys(path, missing, unexpected, strict)
         wanted = {names[k]: v for k, v in current.items() if k in names}
         load_dcp_into(path, {MODEL_KEY: wanted})
         set_model_state_dict(model, {k: wanted[names[k]] for k in current if k in names},
