@@ -294,6 +294,24 @@ def test_backbone_matrix(case, method, tmp_path):
         torch.testing.assert_close(p, a, rtol=1e-4, atol=tol)
 
 
+def test_meta_device_skips_value_writes_but_not_flags_or_shapes():
+    """Initialisers on meta tensors are skipped (they have no values); what changes a tensor's
+    flags or shape still happens, and the ranges stay readable on the CPU."""
+    import timm.layers
+    with meta_device():
+        weight = nn.Parameter(torch.empty(4, 3))
+        assert timm.layers.trunc_normal_(weight, std=0.02) is weight
+        assert weight.uniform_(-1, 1).mul_(2).clamp_(-1, 1) is weight
+        frozen = torch.empty(2, 2).requires_grad_(True)
+        grown = torch.empty(2).resize_(5)
+        schedule = torch.linspace(0, 0.1, 3)
+    assert weight.is_meta and frozen.is_meta and frozen.requires_grad
+    assert grown.shape == (5,) and grown.is_meta
+    assert schedule.device.type == 'cpu' and schedule[-1].item() == pytest.approx(0.1)
+    cpu = torch.zeros(2).add_(1)  # outside the context, values are written again
+    assert cpu.tolist() == [1.0, 1.0]
+
+
 def test_descriptions_by_mro_and_path():
     """ResNetV1d / ResNeXt find ResNet's description through the MRO (their modules register
     nothing of their own); the plain stem stays in the backbone's unit, the deep one is a unit;
