@@ -1,7 +1,9 @@
 """Adapted backbones compile (torch.compile, inductor, one graph) and match eager in fp32.
 
-One compiled model carries both methods (FLoRA in stages 0 and 2, LoRA in stages 1 and 3), so
-the test pays inductor's compile time once.
+One compiled model carries both methods (FLoRA in the stem and stage 0, LoRA in stage 1), so
+the test pays inductor's compile time once. The model is atto cut to two stages of one block:
+inductor writes and compiles C++ kernels per distinct shape, and a cold compile of the whole of
+atto took ~80 s here, against ~20 s for this.
 """
 import copy
 
@@ -19,16 +21,20 @@ CFGS = {
 
 def test_compiled_flora_and_lora_convnext_match_eager():
     torch.manual_seed(0)
-    model = ConvNeXtV2(arch='atto', out_indices=(1, 3))
-    for stage, method in enumerate(['FLoRA', 'LoRA', 'FLoRA', 'LoRA']):
+    model = ConvNeXtV2(arch='atto', out_indices=(0, 1))
+    del model.stages[2:]
+    for stage in model.stages:
+        del stage.blocks[1:]
+    inject_adapters(model.stem, CFGS['FLoRA'])
+    for stage, method in enumerate(['FLoRA', 'LoRA']):
         inject_adapters(model.stages[stage], CFGS[method])
-    layers = {f'stages.{n}': layer for n, layer in adapter_layers(model.stages)}
+    layers = {n: layer for n, layer in adapter_layers(model)}
     assert {type(m).__name__ for m in layers.values()} == {'FLoRALayer', 'LoRALayer'}
     # both exact linear forms, for both methods
     for name, path in [('stages.0.blocks.0.mlp.fc1', 'materialised'),
-                       ('stages.2.blocks.1.mlp.fc2', 'factored'),
+                       ('stages.0.blocks.0.mlp.fc2', 'factored'),
                        ('stages.1.blocks.0.mlp.fc1', 'materialised'),
-                       ('stages.3.blocks.1.mlp.fc1', 'factored')]:
+                       ('stages.1.blocks.0.mlp.fc2', 'factored')]:
         layers[name].linear_path = path
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
