@@ -38,6 +38,18 @@ def _launcher_env_restored():
             os.environ[key] = value
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs two workers), the workers share the cores: each
+    worker's torch, and the processes its tests start, get cores // workers threads, so that
+    two workers on two cores do not run four threads."""
+    workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT') or 0)
+    if workers > 1:
+        import torch
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ.setdefault('OMP_NUM_THREADS', str(threads))
+        torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``cuda`` skip without a CUDA device, with the reason in the summary."""
     import torch
@@ -47,6 +59,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker('cuda') is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def dota_metric_in_threads(monkeypatch):
+    """mmrotate's DOTAMetric computes per-class TP/FP in a fresh ``Pool(4)`` of 'spawn'
+    processes per evaluation, each importing torch and mmrotate (~5 s of CPU apiece here, for
+    four tiny patches). In this test only, threads compute the same thing without that start."""
+    import types
+    from multiprocessing.pool import ThreadPool
+
+    from mmrotate.evaluation.functional import mean_ap
+    monkeypatch.setattr(mean_ap, 'get_context',
+                        lambda method: types.SimpleNamespace(Pool=ThreadPool))
 
 
 @pytest.fixture(scope='session')

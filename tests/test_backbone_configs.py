@@ -13,8 +13,6 @@ their ``main``, in this process) on the generated tiny data, and the adapters ch
 import copy
 import os
 import re
-import types
-from multiprocessing.pool import ThreadPool
 
 import flora_mm  # noqa: F401
 import pytest
@@ -198,13 +196,10 @@ TWINS = {
 
 
 @pytest.mark.parametrize('twin', sorted(TWINS))
-def test_tiny_twin_trains_and_tests_with_the_tools(twin, tiny_root, tmp_path, monkeypatch):
+def test_tiny_twin_trains_and_tests_with_the_tools(twin, tiny_root, tmp_path, monkeypatch,
+                                                   request):
     if twin.startswith('dota'):
-        # DOTAMetric's mAP spawns 4 fresh interpreters (Pool(4), 'spawn') for per-class
-        # TP/FP; threads compute the same thing without their start-up time
-        from mmrotate.evaluation.functional import mean_ap
-        monkeypatch.setattr(mean_ap, 'get_context',
-                            lambda method: types.SimpleNamespace(Pool=ThreadPool))
+        request.getfixturevalue('dota_metric_in_threads')
     cfg = tiny_config(f'configs/{twin}.py', tiny_root)
     inner = cfg.model.backbone.backbone
     assert inner.get('init_cfg') is None and not inner.get('pretrained')  # random weights
