@@ -29,8 +29,12 @@ env:
 python-path:
 	@bash scripts/setup_env.sh
 
+# one pytest-xdist worker per core, at most 4 (each holds torch and a task model: ~1-3 GB);
+# a file's tests stay on one worker, so module fixtures run once. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
+
 test: env
-	$(PY) -m pytest tests -m "not dist" $(PYTEST_ARGS)
+	$(PY) -m pytest tests -m "not dist" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # tests/test_multinode.py: two "nodes" (two torchrun launches) train, resume and match a one-node
 # run; slurm_train.sh / slurm_test.sh under a fake srun (gloo, CPU)
