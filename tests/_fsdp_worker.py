@@ -1,13 +1,15 @@
 """One rank of tests/test_fsdp.py (run by torchrun, gloo on the CPU).
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/_fsdp_worker.py BACKBONE METHOD OUT \
-        [ac,bf16]
+    python -m torch.distributed.run --nproc_per_node 2 tests/_fsdp_worker.py OUT \
+        BACKBONE:METHOD[:ac,bf16] [BACKBONE:METHOD[:OPTS] ...]
 
 Builds the same small classifier twice from one seed (a tiny InternViT or ConvNeXt-V2-atto
 backbone with a PEFT method, a linear head), wraps one copy in DDP and shards the other with
 ``flora_mm.engine.fsdp.shard_model``, trains both for a few AdamW steps on the same per-rank
 batches (``ac``: torch's composable activation checkpointing per unit; ``bf16``: the units
-compute in bf16 over fp32 parameters) and writes what the test checks to OUT/rank{R}.pt:
+compute in bf16 over fp32 parameters) and writes what the test checks to
+OUT/BACKBONE-METHOD-OPTS/rank{R}.pt (one launch runs every case: each start of the two ranks
+costs more CPU than a case):
 losses, local shard sizes, the gathered trainable tensors of both copies, base checksums
 sharded vs whole, update norms, and how many adapter inputs each copy rebuilt in backward
 (the backbones' lean blocks, which run inside FSDP units as inside DDP).
@@ -75,10 +77,23 @@ class Net(nn.Module):
         return self.head(self.backbone(x)[-1].mean((2, 3)))
 
 
+def case_dir(out: str, case: str) -> str:
+    """OUT/BACKBONE-METHOD-OPTS for the case 'BACKBONE:METHOD[:OPTS]'."""
+    return os.path.join(out, case.replace(':', '-').replace(',', '_'))
+
+
 def main() -> None:
-    backbone, method, out = sys.argv[1:4]
-    opts = sys.argv[4].split(',') if len(sys.argv) > 4 else []
+    out, cases = sys.argv[1], sys.argv[2:]
     dist.init_process_group('gloo')
+    for case in cases:
+        backbone, method, *rest = case.split(':')
+        opts = rest[0].split(',') if rest and rest[0] else []
+        run_case(backbone, method, opts, case_dir(out, case))
+    dist.destroy_process_group()
+
+
+def run_case(backbone: str, method: str, opts: list, out: str) -> None:
+    os.makedirs(out, exist_ok=True)
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     ref = Net(backbone, method)
@@ -147,7 +162,6 @@ def main() -> None:
         measured=measured, rebuilt=rebuilt,
         fsdp=gathered, norms_sharded=norms_sharded, norms_whole=norms_whole,
     ), os.path.join(out, f'rank{rank}.pt'))
-    dist.destroy_process_group()
 
 
 if __name__ == '__main__':

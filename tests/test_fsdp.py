@@ -16,10 +16,13 @@ import os
 import os.path as osp
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from flora_mm.harness.launch import free_port
+
+from ._fsdp_worker import case_dir
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -38,16 +41,29 @@ def _torchrun(args: list[str], nproc: int = 2, timeout: int = 300, cwd: str | No
     return proc
 
 
-@pytest.mark.parametrize('backbone,method,opts', [('internvit', 'flora', ''),
-                                                  ('convnext', 'flora', ''),
-                                                  ('convnext', 'flora', 'ac'),
-                                                  ('internvit', 'full', ''),
-                                                  ('internvit', 'dora', ''),
-                                                  ('resnet', 'flora', ''),
-                                                  ('swin', 'lora', '')])
-def test_fsdp_matches_ddp_and_shards_half(tmp_path, backbone, method, opts):
-    _torchrun([osp.join(ROOT, 'tests/_fsdp_worker.py'), backbone, method, str(tmp_path), opts])
-    ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in (0, 1)]
+CASES = [('internvit', 'flora', ''), ('convnext', 'flora', ''), ('convnext', 'flora', 'ac'),
+         ('internvit', 'full', ''), ('internvit', 'dora', ''), ('resnet', 'flora', ''),
+         ('swin', 'lora', '')]
+BF16 = ('internvit', 'full', 'bf16')
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """Every case in one torchrun launch (tests/_fsdp_worker.py runs them one after the other
+    in one process group): the out folder of each case's rank files."""
+    out = tmp_path_factory.mktemp('fsdp')
+    cases = [':'.join(case) for case in CASES + [BF16]]
+    _torchrun([osp.join(ROOT, 'tests/_fsdp_worker.py'), str(out), *cases], timeout=900)
+    return lambda case: Path(case_dir(str(out), ':'.join(case)))
+
+
+def _ranks(folder: Path) -> list:
+    return [torch.load(folder / f'rank{r}.pt', weights_only=True) for r in (0, 1)]
+
+
+@pytest.mark.parametrize('backbone,method,opts', CASES)
+def test_fsdp_matches_ddp_and_shards_half(trained, backbone, method, opts):
+    ranks = _ranks(trained((backbone, method, opts)))
 
     # each rank holds about half of every sharded parameter, the two halves make the whole
     for r in ranks:
@@ -109,11 +125,9 @@ def test_fsdp_matches_ddp_and_shards_half(tmp_path, backbone, method, opts):
         assert value == pytest.approx(ranks[0]['norms_whole'][name], rel=1e-4, abs=1e-10), name
 
 
-def test_fsdp_bf16_compute_over_fp32_master_weights(tmp_path):
+def test_fsdp_bf16_compute_over_fp32_master_weights(trained):
     """The Full recipe's setting: blocks compute in bf16, parameters and optimizer stay fp32."""
-    _torchrun([osp.join(ROOT, 'tests/_fsdp_worker.py'), 'internvit', 'full', str(tmp_path),
-               'bf16'])
-    for r in (torch.load(tmp_path / f'rank{i}.pt', weights_only=True) for i in (0, 1)):
+    for r in _ranks(trained(BF16)):
         assert r['dtypes'] == ['torch.float32']
         losses = r['losses']['fsdp']
         assert losses[-1] < losses[0], losses
