@@ -51,22 +51,8 @@ def pytest_configure(config):
         torch.set_num_threads(threads)
 
 
-# the files that take longest (worker time under `make test` on the 2-core machine, measured),
-# heaviest first: xdist hands out files in collection order, and one of these drawn last would
-# leave the other workers idle at the end
-SLOW_FILES = ('test_tools_merge_count.py', 'test_tools.py', 'test_dcp_fsdp.py',
-              'test_resume_unseeded.py', 'test_compare.py', 'test_fsdp_runner.py',
-              'test_budget.py', 'test_meta_init.py', 'test_installed.py', 'test_tiny_configs.py',
-              'test_reliability.py', 'test_benchmark.py', 'test_task_models.py')
-
-
 def pytest_collection_modifyitems(config, items):
-    """The slow files first (the same order on every worker); tests marked ``cuda`` skip without
-    a CUDA device, with the reason in the summary."""
-    def slow_rank(item):
-        name = item.path.name
-        return SLOW_FILES.index(name) if name in SLOW_FILES else len(SLOW_FILES)
-    items.sort(key=slow_rank)  # stable: the files' own order otherwise
+    """Tests marked ``cuda`` skip without a CUDA device, with the reason in the summary."""
     import torch
     if torch.cuda.is_available():
         return
