@@ -16,7 +16,6 @@ import os
 import os.path as osp
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,22 +24,6 @@ from flora_mm.harness.launch import free_port
 from ._fsdp_worker import case_dir
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-
-
-def _torchrun(args: list[str], nproc: int = 2, timeout: int = 300, cwd: str | None = None,
-              extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS='1',
-               PYTHONPATH=os.pathsep.join([ROOT, osp.join(ROOT, 'tests'),
-                                           os.environ.get('PYTHONPATH', '')]))
-    env.update(extra_env or {})
-    cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}',
-           f'--master_port={free_port()}'] + args
-    proc = subprocess.run(cmd, cwd=cwd or ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
-
-
 CASES = [('internvit', 'flora', ''), ('convnext', 'flora', ''), ('convnext', 'flora', 'ac'),
          ('internvit', 'full', ''), ('internvit', 'dora', ''), ('resnet', 'flora', ''),
          ('swin', 'lora', '')]
@@ -48,22 +31,29 @@ BF16 = ('internvit', 'full', 'bf16')
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-    """Every case in one torchrun launch (tests/_fsdp_worker.py runs them one after the other
-    in one process group): the out folder of each case's rank files."""
-    out = tmp_path_factory.mktemp('fsdp')
-    cases = [':'.join(case) for case in CASES + [BF16]]
-    _torchrun([osp.join(ROOT, 'tests/_fsdp_worker.py'), str(out), *cases], timeout=900)
-    return lambda case: Path(case_dir(str(out), ':'.join(case)))
+def trained(tmp_path_factory) -> str:
+    """Every case in one torchrun launch of 2 processes (tests/_fsdp_worker.py runs them one
+    after the other in one process group); the folder holding each case's rank files."""
+    out = str(tmp_path_factory.mktemp('fsdp'))
+    env = dict(os.environ, OMP_NUM_THREADS='1',
+               PYTHONPATH=os.pathsep.join([ROOT, osp.join(ROOT, 'tests'),
+                                           os.environ.get('PYTHONPATH', '')]))
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
+           f'--master_port={free_port()}', osp.join(ROOT, 'tests/_fsdp_worker.py'), out,
+           *(':'.join(case) for case in CASES + [BF16])]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return out
 
 
-def _ranks(folder: Path) -> list:
-    return [torch.load(folder / f'rank{r}.pt', weights_only=True) for r in (0, 1)]
+def _ranks(out: str, case: tuple) -> list:
+    folder = case_dir(out, ':'.join(case))
+    return [torch.load(osp.join(folder, f'rank{r}.pt'), weights_only=True) for r in (0, 1)]
 
 
 @pytest.mark.parametrize('backbone,method,opts', CASES)
 def test_fsdp_matches_ddp_and_shards_half(trained, backbone, method, opts):
-    ranks = _ranks(trained((backbone, method, opts)))
+    ranks = _ranks(trained, (backbone, method, opts))
 
     # each rank holds about half of every sharded parameter, the two halves make the whole
     for r in ranks:
@@ -127,7 +117,7 @@ def test_fsdp_matches_ddp_and_shards_half(trained, backbone, method, opts):
 
 def test_fsdp_bf16_compute_over_fp32_master_weights(trained):
     """The Full recipe's setting: blocks compute in bf16, parameters and optimizer stay fp32."""
-    for r in _ranks(trained(BF16)):
+    for r in _ranks(trained, BF16):
         assert r['dtypes'] == ['torch.float32']
         losses = r['losses']['fsdp']
         assert losses[-1] < losses[0], losses
