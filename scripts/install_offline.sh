@@ -13,7 +13,9 @@
 #     version; a mismatch stops here, naming both sides (mmcv's ops were compiled against
 #     exactly the manifest's torch);
 #  3. pip install --no-index --find-links WHEELHOUSE of the manifest's install list (torchvision
-#     too when the interpreter lacks it and the wheelhouse has it);
+#     too when the interpreter lacks it and the wheelhouse has it); for a layered wheelhouse
+#     (built with NODE_PACKAGES=, scripts/wheelhouse_manifest.py) the stack at its pins and what
+#     the interpreter lacks of the closure, --no-deps; what it has of the rest is kept;
 #  4. the import + compiled-ops check of setup_env.sh, and for the cuda variant the kernel check
 #     of flora_mm/apis/cuda_ops.py (scripts/check_mmcv_cuda.py), plus one op on the GPU if
 #     one is visible.
@@ -24,79 +26,29 @@ log() { echo "[flora_mm offline] $*" >&2; }
 [ $# -ge 1 ] && [ $# -le 2 ] || { echo "usage: $0 WHEELHOUSE [PYTHON]" >&2; exit 2; }
 wh="$(cd "$1" && pwd)" || { log "no wheelhouse folder '$1'"; exit 2; }
 py="${2:-python3}"
-command -v "$py" >/dev/null || { log "no interpreter '$py'"; exit 2; }
+"$py" -c "import sys" >/dev/null 2>&1 || { log "interpreter '$py' does not run here"; exit 2; }
 [ -f "$wh/manifest.json" ] || { log "$wh has no manifest.json (not a wheelhouse from scripts/wheelhouse.sh)"; exit 2; }
 start=$(date +%s)
 
-# 1 + 2: the checks, printing the install list on success
-install_list="$("$py" - "$wh" <<'PY'
-import hashlib, importlib.util, json, os, sys
-
-wh = sys.argv[1]
-m = json.load(open(os.path.join(wh, 'manifest.json')))
-errors = []
-
-listed = m['wheels']
-present = {f for f in os.listdir(wh) if f.endswith('.whl')}
-for f in sorted(set(listed) - present):
-    errors.append(f'missing wheel {f} (listed in manifest.json)')
-for f in sorted(present - set(listed)):
-    errors.append(f'unlisted wheel {f} in the wheelhouse (not in manifest.json): remove it')
-for f in sorted(present & set(listed)):
-    with open(os.path.join(wh, f), 'rb') as fh:
-        digest = hashlib.sha256(fh.read()).hexdigest()
-    if digest != listed[f]:
-        errors.append(f'sha256 mismatch for {f}: manifest {listed[f]}, file {digest}')
-if errors:
-    sys.exit('wheelhouse ' + wh + ' fails its manifest:\n  ' + '\n  '.join(errors))
-
-py = '%d.%d' % sys.version_info[:2]
-if py != m['python']:
-    sys.exit(f'interpreter {sys.executable} is Python {py}; the wheelhouse is built for Python '
-             f"{m['python']}")
-if importlib.util.find_spec('torch') is None:
-    sys.exit(f"{sys.executable} has no torch: install torch {m['torch']} first (the wheelhouse "
-             f"was built against torch {m['torch_build']}, CUDA {m['torch_cuda']})")
-import torch  # noqa: E402
-
-have = torch.__version__.split('+')[0]
-if have != m['torch']:
-    sys.exit(f'torch version mismatch: the interpreter has torch {torch.__version__}, the '
-             f"wheelhouse's mmcv was compiled against torch {m['torch_build']} "
-             '(build a wheelhouse for this torch: make wheelhouse TORCH=' + have + ')')
-abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-if abi != m['torch_cxx11_abi']:
-    sys.exit(f'torch C++ ABI mismatch: the interpreter\'s torch {torch.__version__} has '
-             f"_GLIBCXX_USE_CXX11_ABI={abi}, the wheelhouse's torch {m['torch_build']} had "
-             f"{m['torch_cxx11_abi']}")
-cuda = torch.version.cuda
-mm = lambda v: '.'.join(str(v).split('.')[:2]) if v else None  # noqa: E731
-if m['variant'] == 'cuda' and mm(cuda) != mm(m['torch_cuda']):
-    sys.exit(f'torch CUDA mismatch: the interpreter has torch {torch.__version__} built for CUDA '
-             f"{cuda}, the wheelhouse's CUDA kernels were compiled for torch {m['torch_build']} "
-             f"with CUDA {m['torch_cuda']}")
-if mm(cuda) != mm(m['torch_cuda']):
-    print(f"note: torch {torch.__version__} (CUDA {cuda}) vs the wheelhouse's {m['torch_build']} "
-          f"(CUDA {m['torch_cuda']}): fine for the cpu variant, whose ops link no CUDA",
-          file=sys.stderr)
-install = list(m['install'])
-if importlib.util.find_spec('torchvision') is None:
-    if not any(f.startswith('torchvision-') for f in listed):
-        sys.exit(f"{sys.executable} has no torchvision and the wheelhouse none: install "
-                 f"torchvision {m['torchvision']} (the one paired with torch {m['torch']}) first")
-    install.append(f"torchvision=={m['torchvision']}")
-print(f"wheelhouse ok ({len(listed)} wheels, sha256 checked); torch {torch.__version__} "
-      f"(CUDA {cuda}) matches; variant {m['variant']}"
-      + (f", archs {m['cuda_arch_list']}" if m['cuda_arch_list'] else ''), file=sys.stderr)
-print('\n'.join(install))
-PY
-)" || exit 1
-
-# 3. no index, no compiling: wheels only, from the folder
-mapfile -t pkgs <<<"$install_list"
-PIP_NO_INDEX=1 "$py" -m pip install --disable-pip-version-check --no-input -q \
-  --no-index --find-links "$wh" --only-binary=:all: "${pkgs[@]}" >&2
+# 1 + 2: the checks (scripts/wheelhouse_manifest.py plan), printing the install list on success
+install_list="$("$py" "$here/wheelhouse_manifest.py" plan "$wh")" || exit 1
+layered="$("$py" -c 'import json, sys; print(int(bool(json.load(open(sys.argv[1])).get("layered"))))' "$wh/manifest.json")"
 variant="$("$py" -c 'import json, sys; print(json.load(open(sys.argv[1]))["variant"])' "$wh/manifest.json")"
+
+# 3. no index, no compiling: wheels only, from the folder. A layered wheelhouse's plan is the
+# closure minus what the node keeps, pinned, so nothing is resolved against the index (--no-deps)
+mapfile -t pkgs < <(printf '%s\n' "$install_list" | sed '/^$/d')
+nodeps=()
+[ "$layered" = 1 ] && nodeps=(--no-deps)
+if [ "${#pkgs[@]}" -gt 0 ]; then
+  PIP_NO_INDEX=1 "$py" -m pip install --disable-pip-version-check --no-input -q \
+    --no-index --find-links "$wh" --only-binary=:all: "${nodeps[@]}" "${pkgs[@]}" >&2
+fi
+if [ "$layered" = 1 ]; then
+  # what the node kept may declare other ranges than the closure's: shown, not fatal (the checks
+  # below and the tests decide)
+  "$py" -m pip check >&2 || log "pip check (above) lists declared-range conflicts with the node's packages"
+fi
 
 # 4. the checks of setup_env.sh, from a neutral folder (the installed flora_mm, not a checkout's)
 cd "$(mktemp -d)"

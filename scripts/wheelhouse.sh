@@ -12,6 +12,10 @@
 #   TORCH_CUDA_ARCH_LIST   CUDA variant only (as in setup_env.sh; e.g. 9.0 for H100/H200)
 #   PLATFORM               wheel platform of the target (manylinux_2_28_x86_64, torch's own floor)
 #   TORCH_WHEELS=1         also put torch, torchvision and torch's CUDA runtime wheels in
+#   NODE_PACKAGES          a layered wheelhouse for a node whose image already holds most packages:
+#                          the node's `python -m pip list --format=freeze` (or one name per
+#                          line); only the stack (scripts/wheelhouse_manifest.py STACK) and the
+#                          closure's packages the node lacks are collected
 #   WHEELHOUSE             output folder (work_dirs/wheelhouse-<py>-<torch>-<variant>)
 #   SDISTS                 "name==version ..." of dependencies with no wheel for the target: built
 #                          here into wheels first (none needed for the pinned stack today)
@@ -33,7 +37,7 @@ die() { log "ERROR: $*"; exit 1; }
 t0=$(date +%s)
 
 py="${PYTHON:-python3.11}"
-command -v "$py" >/dev/null || die "PYTHON=$py is not an interpreter on this machine (the mmcv ops are compiled with it)"
+"$py" -c "import sys" >/dev/null 2>&1 || die "PYTHON=$py does not run on this machine (the mmcv ops are compiled with it; a pyenv shim of a version not selected fails here: give its path)"
 pyver="$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 pytag="cp${pyver/./}"
 pin() { grep -E "^$1==" requirements.txt | head -n1 | cut -d= -f3; }
@@ -154,20 +158,13 @@ log "resolving the stack for $pytag/$platform together with torch==$torch_ver"
 pipq install -q --dry-run --ignore-installed --target "$build/dry-$label" "${target[@]}" \
   "${links[@]}" --report "$report" \
   -r "$reqs" "mmcv==$mmcv_ver" "torch==$torch_ver" "torchvision==$tv_ver" >&2
-# torch, torchvision and torch's GPU runtime come with the target (unless TORCH_WHEELS=1)
-"$bpy" - "$report" "$build/wheels-$label.txt" "${TORCH_WHEELS:-0}" <<'PY'
-import json, re, sys
-report, wheels, torch_wheels = sys.argv[1], sys.argv[2], sys.argv[3] == '1'
-skip = re.compile(r'^(torch|torchvision|triton|nvidia-.*|cuda-toolkit|cuda-bindings|cuda-pathfinder)$')
-w = []
-for item in json.load(open(report))['install']:
-    name, ver = item['metadata']['name'], item['metadata']['version']
-    norm = re.sub(r'[-_.]+', '-', name).lower()
-    if norm == 'mmcv' or (skip.match(norm) and not torch_wheels):
-        continue
-    w.append(f'{name}=={ver}\n')
-open(wheels, 'w').writelines(w)
-PY
+# the closure minus torch's own wheels (unless TORCH_WHEELS=1), mmcv (compiled above) and, for a
+# layered wheelhouse, what the node's image already holds (scripts/wheelhouse_manifest.py)
+closure="$build/closure-$label.json"
+sel=(select "$report" "$build/wheels-$label.txt" "$closure")
+[ "${TORCH_WHEELS:-0}" = 1 ] && sel+=(--torch-wheels)
+[ -n "${NODE_PACKAGES:-}" ] && sel+=(--node-packages "$NODE_PACKAGES")
+"$bpy" "$root/scripts/wheelhouse_manifest.py" "${sel[@]}"
 log "downloading $(wc -l <"$build/wheels-$label.txt") wheels"
 pipq download -q --no-deps "${target[@]}" "${links[@]}" -d "$out" -r "$build/wheels-$label.txt" >&2
 
@@ -178,36 +175,18 @@ pipq wheel -q --no-deps --no-build-isolation -w "$out" "$fdir" >&2
 rm -rf "$fdir"
 
 # --- 5. manifest ---------------------------------------------------------------------------------
-"$bpy" - "$out" "$reqs" "$mmcv_ver" "$variant" "$cuda_archs" "$platform" "$torch_full" "$torch_cuda" \
-  "$cxx11_abi" "$tv_ver" "$pyver" "${TORCH_WHEELS:-0}" <<'PY'
-import datetime, hashlib, json, os, platform, sys
-(out, reqs, mmcv_ver, variant, archs, plat, torch_full, torch_cuda, abi, tv, pyver,
- torch_wheels) = sys.argv[1:]
-wheels = {}
-for f in sorted(os.listdir(out)):
-    if f.endswith('.whl'):
-        wheels[f] = hashlib.sha256(open(os.path.join(out, f), 'rb').read()).hexdigest()
-install = [l.strip() for l in open(reqs) if l.strip()] + [f'mmcv=={mmcv_ver}', 'flora_mm']
-manifest = {
-    'format': 1,
-    'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-    'built_on': platform.platform(),
-    'python': pyver,
-    'platform': plat,
-    'variant': variant,
-    'torch': torch_full.split('+')[0],
-    'torch_build': torch_full,
-    'torch_cuda': None if torch_cuda == 'none' else torch_cuda,
-    'torch_cxx11_abi': int(abi),
-    'torchvision': tv,
-    'cuda_arch_list': archs or None,
-    'torch_wheels_included': torch_wheels == '1',
-    'install': install,
-    'wheels': wheels,
-}
-json.dump(manifest, open(os.path.join(out, 'manifest.json'), 'w'), indent=1)
-print(f'{len(wheels)} wheels, {sum(os.path.getsize(os.path.join(out, f)) for f in wheels) / 2**20:.0f} MiB',
-      file=sys.stderr)
+fields="$("$bpy" - "$pyver" "$platform" "$variant" "$torch_full" "$torch_cuda" "$cxx11_abi" "$tv_ver" \
+  "$cuda_archs" "${TORCH_WHEELS:-0}" "$mmcv_ver" <<'PY'
+import json, sys
+pyver, plat, variant, torch_full, torch_cuda, abi, tv, archs, torch_wheels, mmcv = sys.argv[1:]
+print(json.dumps({
+    'python': pyver, 'platform': plat, 'variant': variant, 'torch': torch_full.split('+')[0],
+    'torch_build': torch_full, 'torch_cuda': None if torch_cuda == 'none' else torch_cuda,
+    'torch_cxx11_abi': int(abi), 'torchvision': tv, 'cuda_arch_list': archs or None,
+    'torch_wheels_included': torch_wheels == '1', 'mmcv': mmcv}))
 PY
+)"
+"$bpy" "$root/scripts/wheelhouse_manifest.py" write "$out" --requirements "$reqs" \
+  --closure-json "$closure" --fields "$fields"
 log "done in $(( $(date +%s) - t0 )) s: $out (install there with scripts/install_offline.sh $out)"
 echo "$out"

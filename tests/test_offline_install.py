@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import importlib.util
 import json
 import os
 import site
@@ -26,13 +27,13 @@ SCRIPT = ROOT / 'scripts' / 'install_offline.sh'
 PROBE = 'flora_offline_probe'
 
 
-def _write_wheel(folder: Path, version: str = '0.1') -> Path:
+def _write_wheel(folder: Path, version: str = '0.1', name: str = PROBE) -> Path:
     """A minimal valid py3-none-any wheel with one module."""
-    dist = f'{PROBE}-{version}'
+    dist = f'{name}-{version}'
     files = {
-        f'{PROBE}.py': f'VERSION = {version!r}\n'.encode(),
+        f'{name}.py': f'VERSION = {version!r}\n'.encode(),
         f'{dist}.dist-info/METADATA':
-            f'Metadata-Version: 2.1\nName: {PROBE}\nVersion: {version}\n'.encode(),
+            f'Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n'.encode(),
         f'{dist}.dist-info/WHEEL':
             b'Wheel-Version: 1.0\nGenerator: flora_mm-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n',
     }
@@ -64,10 +65,8 @@ def _wheelhouse(folder: Path, torch_version: str) -> Path:
     return folder
 
 
-@pytest.fixture(scope='module')
-def target_python(tmp_path_factory) -> Path:
+def _target(venv: Path) -> Path:
     """A fresh venv (no pip of its own) that sees this environment's packages through a .pth."""
-    venv = tmp_path_factory.mktemp('target') / 'venv'
     subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(venv)], check=True)
     py = venv / 'bin' / 'python'
     own = subprocess.run([str(py), '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
@@ -77,6 +76,16 @@ def target_python(tmp_path_factory) -> Path:
     Path(own, '_flora_parent_env.pth').write_text(
         ''.join(f'import site; site.addsitedir({p!r})\n' for p in parents))
     return py
+
+
+@pytest.fixture(scope='module')
+def target_python(tmp_path_factory) -> Path:
+    return _target(tmp_path_factory.mktemp('target') / 'venv')
+
+
+@pytest.fixture
+def fresh_target(tmp_path) -> Path:
+    return _target(tmp_path / 'venv')
 
 
 def _run(wheelhouse: Path, py: Path) -> subprocess.CompletedProcess:
@@ -125,3 +134,83 @@ def test_matching_manifest_installs_without_index(tmp_path, target_python):
     assert res.returncode == 0, res.stderr
     assert 'sha256 checked' in res.stderr and 'env ok: torch' in res.stderr, res.stderr
     assert _installed(target_python)  # into the throwaway venv, from the folder
+
+
+# --- layered wheelhouses (NODE_PACKAGES): the stack at its pins, the rest from the node --------
+
+def _manifest_module():
+    spec = importlib.util.spec_from_file_location('wheelhouse_manifest',
+                                                  ROOT / 'scripts' / 'wheelhouse_manifest.py')
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_select_leaves_the_nodes_packages_but_never_the_stack(tmp_path):
+    wm = _manifest_module()
+    report = {'install': [{'metadata': {'name': n, 'version': v}} for n, v in [
+        ('torch', '2.11.0'), ('nvidia-cublas', '13.1.0.3'), ('numpy', '2.4.1'),
+        ('mmdet', '3.1.0'), ('opencv-python', '5.0.0.93'), ('pycocotools', '2.0.10'),
+        ('setuptools', '80.9.0'), ('mmcv', '2.0.1'), ('Shapely', '2.1.2')]]}
+    node = tmp_path / 'node.txt'
+    node.write_text('# pip list --format=freeze of the node\nnumpy==2.5.2\n'
+                    'opencv_python_headless==4.12.0.88\nsetuptools==82.0.0\n\ntorch==2.11.0\n')
+    closure, download, left = wm.select(report, wm.read_node_packages(str(node)), False)
+    # torch's family is the target's; mmcv is compiled, not downloaded
+    assert closure == {'numpy': '2.4.1', 'mmdet': '3.1.0', 'opencv-python': '5.0.0.93',
+                       'pycocotools': '2.0.10', 'setuptools': '80.9.0', 'mmcv': '2.0.1',
+                       'shapely': '2.1.2'}
+    # setuptools is stack (pkg_resources): pinned even though the node has one; headless cv2
+    # stands in for opencv-python
+    assert download == ['mmdet==3.1.0', 'pycocotools==2.0.10', 'setuptools==80.9.0',
+                        'Shapely==2.1.2']
+    assert left == ['numpy', 'opencv-python']
+    # without a node list, everything but torch's family and mmcv
+    _, full, none_left = wm.select(report, None, False)
+    assert len(full) == 6 and none_left == []
+    empty = tmp_path / 'empty.txt'
+    empty.write_text('# nothing\n')
+    with pytest.raises(ValueError, match='names no package'):
+        wm.read_node_packages(str(empty))
+
+
+def _layered_wheelhouse(folder: Path, closure: dict) -> Path:
+    folder.mkdir()
+    wheel = _write_wheel(folder)
+    manifest = {
+        'format': 2, 'python': '%d.%d' % sys.version_info[:2], 'platform': 'manylinux_2_28_x86_64',
+        'variant': 'cpu', 'torch': torch.__version__.split('+')[0], 'torch_build': torch.__version__,
+        'torch_cuda': torch.version.cuda, 'torch_cxx11_abi': int(torch._C._GLIBCXX_USE_CXX11_ABI),
+        'torchvision': None, 'cuda_arch_list': None, 'torch_wheels_included': False,
+        'install': [], 'closure': closure, 'layered': True, 'node_packages': ['pytest'],
+        'wheels': {wheel.name: hashlib.sha256(wheel.read_bytes()).hexdigest()},
+    }
+    (folder / 'manifest.json').write_text(json.dumps(manifest))
+    return folder
+
+
+def test_layered_install_keeps_the_nodes_packages(tmp_path, fresh_target):
+    import importlib.metadata
+    have_safetensors = importlib.metadata.version('safetensors')
+    wh = _layered_wheelhouse(tmp_path / 'wh', {
+        'flora-offline-probe': '0.1',    # the node lacks it: from the folder
+        'pytest': '0.0.1',               # the node has another version: kept, with a note
+        'safetensors': have_safetensors,  # stack, already at its pin: nothing to install
+    })
+    res = _run(wh, fresh_target)
+    assert res.returncode == 0, res.stderr
+    assert 'layered: 1 to install' in res.stderr, res.stderr
+    assert f"pytest: the node's {pytest.__version__} kept" in res.stderr, res.stderr
+    assert 'env ok: torch' in res.stderr, res.stderr
+    assert _installed(fresh_target)
+
+
+def test_layered_install_names_what_neither_side_has(tmp_path, fresh_target):
+    wh = _layered_wheelhouse(tmp_path / 'wh', {'flora-offline-probe': '0.1',
+                                               'flora-absent-dependency': '1.0',
+                                               'mmdet': '0.0.1'})  # stack at another version
+    res = _run(wh, fresh_target)
+    assert res.returncode != 0
+    assert 'flora-absent-dependency==1.0' in res.stderr and 'mmdet==0.0.1' in res.stderr, res.stderr
+    assert 'NODE_PACKAGES' in res.stderr, res.stderr
+    assert not _installed(fresh_target)  # nothing installed when the plan fails
