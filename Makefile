@@ -7,7 +7,7 @@ SHELL := /bin/bash
 PY = PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(shell bash scripts/setup_env.sh)
 
 .PHONY: help env python-path test test-dist demo demo-all data bench gpu-check compare wheelhouse \
-	env-offline host-memory
+	env-offline gpu-check-offline host-memory
 
 help:
 	@echo "make demo        set up, generate tiny COCO, fine-tune FLoRA with tools/train.py, evaluate with tools/test.py"
@@ -22,6 +22,7 @@ help:
 	@echo "make compare     every method on the tiny data of all three tasks (CPU): Table 1 + plot"
 	@echo "make wheelhouse  wheels of the whole stack for one target (PYTHON= TORCH= FLORA_MM_CUDA= TORCH_CUDA_ARCH_LIST= WHEELHOUSE=)"
 	@echo "make env-offline WHEELHOUSE=DIR [PYTHON=...]   install from such a folder, no index (torch already installed)"
+	@echo "make gpu-check-offline WHEELHOUSE=DIR [PYTHON=...] [GPU_CHECK_OUT=...]   that install, then gpu-check (one command for a GPU node)"
 
 env:
 	@bash scripts/setup_env.sh >/dev/null
@@ -90,3 +91,10 @@ wheelhouse:
 env-offline:
 	@test -n "$(WHEELHOUSE)" || { echo "usage: make env-offline WHEELHOUSE=DIR [PYTHON=interpreter]"; exit 2; }
 	bash scripts/install_offline.sh "$(WHEELHOUSE)" $(PYTHON)
+
+# the offline install, then gpu-check, the report and logs under GPU_CHECK_OUT (a GPU node's first
+# run; GPU_CHECK_ARGS=--rehearse-on-cpu rehearses it on a machine without a GPU)
+GPU_CHECK_OUT ?= work_dirs/gpu_node_check
+gpu-check-offline:
+	@test -n "$(WHEELHOUSE)" || { echo "usage: make gpu-check-offline WHEELHOUSE=DIR [PYTHON=interpreter]"; exit 2; }
+	bash scripts/gpu_node_check.sh "$(WHEELHOUSE)" "$(or $(PYTHON),python3)" "$(GPU_CHECK_OUT)"

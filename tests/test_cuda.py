@@ -5,6 +5,7 @@ Tests marked ``cuda`` skip cleanly without a CUDA device (conftest.py says so in
 mmcv's extension and run everywhere: on the CPU variant they assert that the check reports the
 kernels missing, on the cuda variant that every one is there.
 """
+import json
 import shutil
 import subprocess
 
@@ -169,3 +170,35 @@ def test_gpu_check_fails_without_a_gpu(tmp_path, capsys):
     from flora_mm.harness.gpu_check import run_gpu_check
     assert run_gpu_check(str(tmp_path / 'gpu')) == 2  # non-zero: nothing was checked
     assert 'no CUDA device' in capsys.readouterr().out
+
+
+def test_gpu_check_report_holds_the_steps_and_the_benchmark_table(tmp_path):
+    """gpu_check.md, from a real (tiny, CPU) benchmark result: the steps with their status and
+    the Table 4 rows as tools/benchmark.py prints them, ready for docs/performance.md."""
+    from dataclasses import asdict
+
+    from flora_mm.harness.benchmark import BenchConfig, format_table, run_benchmark
+    from flora_mm.harness.gpu_check import (BENCH_METHODS, StepResult, _flora_summary,
+                                            _report)
+    cfg = BenchConfig(arch='atto', batch=1, size=32, rounds=1, warmup=0, methods=BENCH_METHODS,
+                      device='cpu', memory=False, inference=False)
+    result = run_benchmark(cfg)
+    (tmp_path / 'bench_tiny.json').write_text(json.dumps(asdict(result)))
+    flora = next(r for r in result.rows if r['method'] == 'FLoRA')
+    steps = [StepResult('mmcv CUDA kernels', True, 1.5, 'all 7 | found'),
+             StepResult('coco Mask R-CNN (AMP fp16)', False, 12.25, 'train exit 1: boom'),
+             StepResult('torchrun train, 2 GPUs', True, 0.0, 'skipped: 1 GPU', skipped=True),
+             StepResult('benchmark ConvNeXt-V2-tiny fp32', True, 3.0, _flora_summary(flora))]
+    _report(str(tmp_path / 'gpu_check.md'), ['- machine: test'], steps, str(tmp_path))
+    text = (tmp_path / 'gpu_check.md').read_text()
+    assert not (tmp_path / 'gpu_check.md.part').exists()
+    assert '| mmcv CUDA kernels | PASS | 1.5 | all 7 / found |' in text  # a | kept out of cells
+    assert '| coco Mask R-CNN (AMP fp16) | FAIL | 12.2 | train exit 1: boom |' in text
+    assert '| torchrun train, 2 GPUs | SKIP |' in text
+    assert format_table(result) in text and '![bench_tiny](bench_tiny.png)' in text
+    assert '## Benchmark (bench_tiny.json)' in text
+    assert 'bench_large' not in text  # no JSON, no section
+    assert f'x{flora["x_Floor"]:.2f} Floor' in text and f'{flora["s_step"] * 1e3:.1f} ms' in text
+    for method in BENCH_METHODS:
+        assert any(line.startswith(f'| {method}') or line.startswith('| Floor (')
+                   for line in text.splitlines()), method

@@ -635,7 +635,8 @@ def plot_result(result: BenchResult, path: str) -> None:
         ax.set_xlabel(title)
         top = max(values)
         for y, r in zip(ypos, rows):
-            text = f'{r[key]:.0f}' if key in ('peak_mib', 'gflop') else f'{r[key]:.2f}'
+            # three significant figures: a small model's 0.4 GFLOP must not print as 0
+            text = f'{r[key]:.3g}' if key in ('peak_mib', 'gflop') else f'{r[key]:.2f}'
             if ratio in r:
                 text += f'  ({r[ratio]:.2f}x Floor)'
             # a white box: the Floor line must not run through a shorter bar's label
