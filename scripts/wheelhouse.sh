@@ -59,7 +59,10 @@ platform="${PLATFORM:-manylinux_2_28_x86_64}"
 mmcv_ver="$(pin mmcv)"
 label="$pytag-$torch_ver-$variant"
 [ "$variant" = cuda ] && label="$label-sm$(echo "$cuda_archs" | tr -d '.+' | tr ';' '_')"
-out="${WHEELHOUSE:-$root/work_dirs/wheelhouse-$label}"
+# a layered wheelhouse's selection files (and default folder) apart from the full one's; the build
+# venv and the compiled mmcv are the same for both
+flavour="$label${NODE_PACKAGES:+-layered}"
+out="${WHEELHOUSE:-$root/work_dirs/wheelhouse-$flavour}"
 cache="${FLORA_MM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/flora_mm}"
 build="${WHEELHOUSE_BUILD:-$cache/wheelhouse-build}"
 mkdir -p "$build" "$out"
@@ -133,7 +136,7 @@ fi
 # --- 3. everything else, for the target's Python and platform ----------------------------------
 rm -f "$out"/*.whl "$out"/manifest.json
 cp "$mmcv_whl" "$out/"
-reqs="$build/requirements-$label.txt"
+reqs="$build/requirements-$flavour.txt"
 {
   grep -vE '^(torch|torchvision|mmcv)==' requirements.txt
   grep -vE '^(torch|torchvision)==' requirements-test.txt
@@ -153,20 +156,20 @@ if [ -n "${SDISTS:-}" ]; then
   pipq wheel -q --no-deps -w "$sdist_dir" $SDISTS >&2
   links+=(--find-links "$sdist_dir")
 fi
-report="$build/report-$label.json"
+report="$build/report-$flavour.json"
 log "resolving the stack for $pytag/$platform together with torch==$torch_ver"
-pipq install -q --dry-run --ignore-installed --target "$build/dry-$label" "${target[@]}" \
+pipq install -q --dry-run --ignore-installed --target "$build/dry-$flavour" "${target[@]}" \
   "${links[@]}" --report "$report" \
   -r "$reqs" "mmcv==$mmcv_ver" "torch==$torch_ver" "torchvision==$tv_ver" >&2
 # the closure minus torch's own wheels (unless TORCH_WHEELS=1), mmcv (compiled above) and, for a
 # layered wheelhouse, what the node's image already holds (scripts/wheelhouse_manifest.py)
-closure="$build/closure-$label.json"
-sel=(select "$report" "$build/wheels-$label.txt" "$closure")
+closure="$build/closure-$flavour.json"
+sel=(select "$report" "$build/wheels-$flavour.txt" "$closure")
 [ "${TORCH_WHEELS:-0}" = 1 ] && sel+=(--torch-wheels)
 [ -n "${NODE_PACKAGES:-}" ] && sel+=(--node-packages "$NODE_PACKAGES")
 "$bpy" "$root/scripts/wheelhouse_manifest.py" "${sel[@]}"
-log "downloading $(wc -l <"$build/wheels-$label.txt") wheels"
-pipq download -q --no-deps "${target[@]}" "${links[@]}" -d "$out" -r "$build/wheels-$label.txt" >&2
+log "downloading $(wc -l <"$build/wheels-$flavour.txt") wheels"
+pipq download -q --no-deps "${target[@]}" "${links[@]}" -d "$out" -r "$build/wheels-$flavour.txt" >&2
 
 # --- 4. flora_mm itself --------------------------------------------------------------------------
 fdir="$(mktemp -d)"
