@@ -20,7 +20,7 @@ help:
 	@echo "make gpu-check   on a GPU machine: train/test the tiny configs on CUDA, CUDA tests, 2-GPU run"
 	@echo "make host-memory peak host RAM per rank at start / load / save of sharded runs (docs/sharding.md)"
 	@echo "make compare     every method on the tiny data of all three tasks (CPU): Table 1 + plot"
-	@echo "make wheelhouse  wheels of the whole stack for one target (PYTHON= TORCH= FLORA_MM_CUDA= TORCH_CUDA_ARCH_LIST= WHEELHOUSE=)"
+	@echo "make wheelhouse  wheels of the whole stack for one target (PYTHON= TORCH= FLORA_MM_CUDA= TORCH_CUDA_ARCH_LIST= WHEELHOUSE=; NODE_PACKAGES= for a layered one)"
 	@echo "make env-offline WHEELHOUSE=DIR [PYTHON=...]   install from such a folder, no index (torch already installed)"
 	@echo "make gpu-check-offline WHEELHOUSE=DIR [PYTHON=...] [GPU_CHECK_OUT=...]   that install, then gpu-check (one command for a GPU node)"
 

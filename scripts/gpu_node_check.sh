@@ -19,9 +19,13 @@ log() { echo "[flora_mm gpu-node] $*" >&2; }
 [ $# -ge 1 ] && [ $# -le 3 ] || { echo "usage: $0 WHEELHOUSE [PYTHON] [OUT]" >&2; exit 2; }
 wh="$1"
 py="${2:-python3}"
+# a relative interpreter path stays valid after the cd into the checkout below
+case "$py" in */*) py="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")" ;; esac
 out="${3:-$root/work_dirs/gpu_node_check}"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
+files=(gpu_check.md bench_tiny.json bench_tiny.png bench_large.json bench_large.png)
+for f in install.log logs.tar.gz "${files[@]}"; do rm -f "$out/$f"; done  # no earlier run's
 t0=$(date +%s)
 
 # 1. the offline install (fails here, with its own message, on a wheelhouse/torch mismatch)
@@ -34,18 +38,21 @@ t1=$(date +%s)
 log "installed in $((t1 - t0)) s"
 
 # 2. gpu-check in the checkout, its work folder beside OUT's files
+# gpu-check runs the checkout's flora_mm (the source the wheel was built from: it needs the
+# checkout's configs/ and tests/); install_offline.sh above checked the installed one
 run="$(mktemp -d)"
+trap 'rm -rf "$run"' EXIT
 cd "$root"
 set +e
 # shellcheck disable=SC2086
 PYTHONUNBUFFERED=1 "$py" -m flora_mm.cli.gpu_check --work-dir "$run" ${GPU_CHECK_ARGS:-}
 rc=$?
 set -e
-for f in gpu_check.md bench_tiny.json bench_tiny.png bench_large.json bench_large.png; do
-  [ -f "$run/$f" ] && cp "$run/$f" "$out/"
+for f in "${files[@]}"; do
+  if [ -f "$run/$f" ]; then cp "$run/$f" "$out/"; fi
 done
-# every log, not the checkpoints
+# every log, not the checkpoints; a failure here must not hide gpu-check's exit status
 tar -czf "$out/logs.tar.gz" -C "$run" --exclude='*.pth' --exclude='*.safetensors' \
-  --exclude='*.pt' .
+  --exclude='*.pt' . || log "could not write $out/logs.tar.gz"
 log "gpu-check exit $rc; install $((t1 - t0)) s, checks $(( $(date +%s) - t1 )) s; files in $out"
 exit "$rc"

@@ -15,7 +15,8 @@
 #  3. pip install --no-index --find-links WHEELHOUSE of the manifest's install list (torchvision
 #     too when the interpreter lacks it and the wheelhouse has it); for a layered wheelhouse
 #     (built with NODE_PACKAGES=, scripts/wheelhouse_manifest.py) the stack at its pins and what
-#     the interpreter lacks of the closure, --no-deps; what it has of the rest is kept;
+#     the interpreter lacks of the closure, --no-deps; what it has of the rest is kept; then
+#     the wheels built by wheelhouse.sh (mmcv, flora_mm) reinstalled from their files;
 #  4. the import + compiled-ops check of setup_env.sh, and for the cuda variant the kernel check
 #     of flora_mm/apis/cuda_ops.py (scripts/check_mmcv_cuda.py), plus one op on the GPU if
 #     one is visible.
@@ -40,9 +41,19 @@ variant="$("$py" -c 'import json, sys; print(json.load(open(sys.argv[1]))["varia
 mapfile -t pkgs < <(printf '%s\n' "$install_list" | sed '/^$/d')
 nodeps=()
 [ "$layered" = 1 ] && nodeps=(--no-deps)
-if [ "${#pkgs[@]}" -gt 0 ]; then
+pipi() {
   PIP_NO_INDEX=1 "$py" -m pip install --disable-pip-version-check --no-input -q \
-    --no-index --find-links "$wh" --only-binary=:all: "${nodeps[@]}" "${pkgs[@]}" >&2
+    --no-index --find-links "$wh" --only-binary=:all: "$@" >&2
+}
+if [ "${#pkgs[@]}" -gt 0 ]; then
+  pipi ${nodeps[@]+"${nodeps[@]}"} "${pkgs[@]}"
+fi
+# the wheels built by wheelhouse.sh (mmcv compiled against this torch, flora_mm), from their
+# files: pip keeps an installed mmcv 2.0.1 of another build (a CPU variant, another torch) or a
+# flora_mm 0.1.0 of other code, whose version numbers are the same
+mapfile -t built < <("$py" -c 'import json, sys; print("\n".join(json.load(open(sys.argv[1])).get("built_here") or []))' "$wh/manifest.json" | sed '/^$/d')
+if [ "${#built[@]}" -gt 0 ]; then
+  pipi --no-deps --force-reinstall "${built[@]/#/$wh/}"
 fi
 if [ "$layered" = 1 ]; then
   # what the node kept may declare other ranges than the closure's: shown, not fatal (the checks

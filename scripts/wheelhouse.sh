@@ -31,9 +31,13 @@
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$root"
 log() { echo "[flora_mm wheelhouse] $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
+if [ -n "${NODE_PACKAGES:-}" ]; then  # checked (and made absolute) before anything is removed
+  [ -f "$NODE_PACKAGES" ] || die "NODE_PACKAGES=$NODE_PACKAGES is not a file (the node's pip list --format=freeze)"
+  NODE_PACKAGES="$(cd "$(dirname "$NODE_PACKAGES")" && pwd)/$(basename "$NODE_PACKAGES")"
+fi
+cd "$root"
 t0=$(date +%s)
 
 py="${PYTHON:-python3.11}"

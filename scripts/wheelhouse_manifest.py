@@ -33,6 +33,9 @@ STACK = frozenset({'mmengine', 'mmcv', 'mmdet', 'mmsegmentation', 'mmrotate', 'm
 # torch and its GPU runtime come with the target (unless the wheelhouse is built TORCH_WHEELS=1)
 TORCH_FAMILY = re.compile(
     r'^(torch|torchvision|triton|nvidia-.*|cuda-toolkit|cuda-bindings|cuda-pathfinder)$')
+# built by wheelhouse.sh, not downloaded: the same version number can be another build (mmcv's
+# CPU variant, a flora_mm of other code), so the target reinstalls these from their files
+BUILT_HERE = frozenset({'mmcv', 'flora-mm'})
 # a node package that provides the same import as the closure's (cv2 here)
 PROVIDED_BY = {
     'opencv-python': ('opencv-python-headless', 'opencv-contrib-python',
@@ -46,12 +49,13 @@ def normalise(name: str) -> str:
 
 
 def read_node_packages(path: str) -> set[str]:
-    """Names from a ``pip list --format=freeze`` / ``pip freeze`` file or a plain list of names."""
+    """Names from a ``pip list --format=freeze`` / ``pip freeze`` file or a plain list of names.
+    Option lines (``-e ...`` editable installs, ``--index-url``) name nothing in the closure."""
     names = set()
     with open(path) as f:
         for line in f:
             line = line.split('#', 1)[0].strip()
-            if not line:
+            if not line or line.startswith('-'):
                 continue
             m = re.match(r'^([A-Za-z0-9][A-Za-z0-9._-]*)', line)
             if m is None:
@@ -84,6 +88,10 @@ def select(report: dict, node: set[str] | None, torch_wheels: bool
             left.append(name)
             continue
         download.append(f'{raw}=={version}')
+    absent = sorted(STACK - BUILT_HERE - set(closure))
+    if absent:  # the requirements files and STACK disagree: the layered install would skip them
+        raise SystemExit(f'the resolved closure lacks the stack packages {absent}: '
+                         'requirements.txt and STACK in scripts/wheelhouse_manifest.py disagree')
     return closure, download, left
 
 
@@ -98,6 +106,7 @@ def sha256(path: str) -> str:
 def write_manifest(out: str, *, install: list[str], closure: dict[str, str],
                    node_packages: list[str] | None, **fields) -> dict:
     wheels = {f: sha256(os.path.join(out, f)) for f in sorted(os.listdir(out)) if f.endswith('.whl')}
+    built = sorted(f for f in wheels if wheel_name(f) in BUILT_HERE)
     manifest = {
         'format': 2,
         'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
@@ -107,6 +116,7 @@ def write_manifest(out: str, *, install: list[str], closure: dict[str, str],
         'closure': closure,
         'layered': node_packages is not None,
         'node_packages': sorted(node_packages) if node_packages is not None else None,
+        'built_here': built,
         'wheels': wheels,
     }
     tmp = os.path.join(out, 'manifest.json.part')
@@ -137,15 +147,21 @@ def check_wheelhouse(wh: str) -> dict:
 
 
 def wheel_name(filename: str) -> str:
+    """The normalised project name of a wheel file (``mmcv-2.0.1-cp312-...whl`` -> mmcv)."""
     return normalise(filename.split('-', 1)[0])
 
 
 def layered_plan(m: dict, installed: dict[str, str]) -> tuple[list[str], list[str]]:
     """(pins to install without dependencies, notes on what the node keeps). Raises SystemExit
-    naming every closure package that is neither on the node nor in the wheelhouse."""
+    naming every closure package that is neither on the node nor in the wheelhouse. The
+    BUILT_HERE wheels are not in the pins: install_offline.sh reinstalls them from their files."""
     in_folder = {wheel_name(f) for f in m['wheels']}
     pins, kept, missing = [], [], []
     for name, version in sorted(m['closure'].items()):
+        if name in BUILT_HERE:
+            if name not in in_folder:
+                missing.append(f'{name}=={version}')
+            continue
         if name in STACK or not node_provides(name, installed):
             if installed.get(name) == version:
                 continue
@@ -154,7 +170,7 @@ def layered_plan(m: dict, installed: dict[str, str]) -> tuple[list[str], list[st
             else:
                 missing.append(f'{name}=={version}')
         else:
-            have = installed.get(name) or next(
+            have = installed[name] if name in installed else next(
                 f'{alt} {installed[alt]}' for alt in PROVIDED_BY[name] if alt in installed)
             if have != version:
                 kept.append(f'{name}: the node\'s {have} kept (the closure has {version})')
@@ -208,13 +224,15 @@ def plan(wh: str) -> list[str]:
               'link no CUDA', file=sys.stderr)
     listed = m['wheels']
     if m.get('layered'):
-        installed = {normalise(d.metadata['Name']): d.version
-                     for d in importlib.metadata.distributions() if d.metadata['Name']}
+        installed: dict[str, str] = {}
+        for d in importlib.metadata.distributions():  # sys.path order: the first is imported
+            if d.metadata['Name']:
+                installed.setdefault(normalise(d.metadata['Name']), d.version)
         install, kept = layered_plan(m, installed)
         for line in kept:
             print('note: ' + line, file=sys.stderr)
-        mode = (f'layered: {len(install)} to install, the rest of the closure of '
-                f"{len(m['closure'])} from the node")
+        mode = (f"layered: {len(install)} to install, {len(m.get('built_here') or [])} built "
+                f"here reinstalled, the rest of the closure of {len(m['closure'])} from the node")
     else:
         install = list(m['install'])
         mode = 'full'

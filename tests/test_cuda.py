@@ -189,7 +189,9 @@ def test_gpu_check_report_holds_the_steps_and_the_benchmark_table(tmp_path):
              StepResult('coco Mask R-CNN (AMP fp16)', False, 12.25, 'train exit 1: boom'),
              StepResult('torchrun train, 2 GPUs', True, 0.0, 'skipped: 1 GPU', skipped=True),
              StepResult('benchmark ConvNeXt-V2-tiny fp32', True, 3.0, _flora_summary(flora))]
-    _report(str(tmp_path / 'gpu_check.md'), ['- machine: test'], steps, str(tmp_path))
+    (tmp_path / 'bench_large.json').write_text('{"stale": "an earlier run"}')
+    _report(str(tmp_path / 'gpu_check.md'), ['- machine: test'], steps, str(tmp_path),
+            ['bench_tiny'])
     text = (tmp_path / 'gpu_check.md').read_text()
     assert not (tmp_path / 'gpu_check.md.part').exists()
     assert '| mmcv CUDA kernels | PASS | 1.5 | all 7 / found |' in text  # a | kept out of cells
@@ -197,7 +199,7 @@ def test_gpu_check_report_holds_the_steps_and_the_benchmark_table(tmp_path):
     assert '| torchrun train, 2 GPUs | SKIP |' in text
     assert format_table(result) in text and '![bench_tiny](bench_tiny.png)' in text
     assert '## Benchmark (bench_tiny.json)' in text
-    assert 'bench_large' not in text  # no JSON, no section
+    assert 'bench_large' not in text  # not this run's: an earlier run's file is not reported
     assert f'x{flora["x_Floor"]:.2f} Floor' in text and f'{flora["s_step"] * 1e3:.1f} ms' in text
     for method in BENCH_METHODS:
         assert any(line.startswith(f'| {method}') or line.startswith('| Floor (')

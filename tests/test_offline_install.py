@@ -27,11 +27,13 @@ SCRIPT = ROOT / 'scripts' / 'install_offline.sh'
 PROBE = 'flora_offline_probe'
 
 
-def _write_wheel(folder: Path, version: str = '0.1', name: str = PROBE) -> Path:
-    """A minimal valid py3-none-any wheel with one module."""
+def _write_wheel(folder: Path, version: str = '0.1', name: str = PROBE,
+                 build: str = 'wheelhouse') -> Path:
+    """A minimal valid py3-none-any wheel with one module (``build``: what tells two builds of
+    one version apart)."""
     dist = f'{name}-{version}'
     files = {
-        f'{name}.py': f'VERSION = {version!r}\n'.encode(),
+        f'{name}.py': f'VERSION = {version!r}\nBUILD = {build!r}\n'.encode(),
         f'{dist}.dist-info/METADATA':
             f'Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n'.encode(),
         f'{dist}.dist-info/WHEEL':
@@ -148,33 +150,39 @@ def _manifest_module():
 
 def test_select_leaves_the_nodes_packages_but_never_the_stack(tmp_path):
     wm = _manifest_module()
-    report = {'install': [{'metadata': {'name': n, 'version': v}} for n, v in [
-        ('torch', '2.11.0'), ('nvidia-cublas', '13.1.0.3'), ('numpy', '2.4.1'),
-        ('mmdet', '3.1.0'), ('opencv-python', '5.0.0.93'), ('pycocotools', '2.0.10'),
-        ('setuptools', '80.9.0'), ('mmcv', '2.0.1'), ('Shapely', '2.1.2')]]}
+    stack = [('mmengine', '0.10.7'), ('mmdet', '3.1.0'), ('mmsegmentation', '1.2.2'),
+             ('mmrotate', '1.0.0rc1'), ('mmpretrain', '1.2.0'), ('timm', '1.0.31'),
+             ('safetensors', '0.8.0'), ('setuptools', '80.9.0'), ('mmcv', '2.0.1')]
+    others = [('torch', '2.11.0'), ('nvidia-cublas', '13.1.0.3'), ('numpy', '2.4.1'),
+              ('opencv-python', '5.0.0.93'), ('pycocotools', '2.0.10'), ('Shapely', '2.1.2')]
+    report = {'install': [{'metadata': {'name': n, 'version': v}} for n, v in stack + others]}
     node = tmp_path / 'node.txt'
-    node.write_text('# pip list --format=freeze of the node\nnumpy==2.5.2\n'
-                    'opencv_python_headless==4.12.0.88\nsetuptools==82.0.0\n\ntorch==2.11.0\n')
+    node.write_text('# pip freeze of the node\nnumpy==2.5.2\nopencv_python_headless==4.12.0.88\n'
+                    '-e git+https://example.org/x.git#egg=x\nsetuptools==82.0.0\ntimm==1.0.0\n'
+                    '\ntorch==2.11.0\n')
     closure, download, left = wm.select(report, wm.read_node_packages(str(node)), False)
     # torch's family is the target's; mmcv is compiled, not downloaded
-    assert closure == {'numpy': '2.4.1', 'mmdet': '3.1.0', 'opencv-python': '5.0.0.93',
-                       'pycocotools': '2.0.10', 'setuptools': '80.9.0', 'mmcv': '2.0.1',
-                       'shapely': '2.1.2'}
-    # setuptools is stack (pkg_resources): pinned even though the node has one; headless cv2
-    # stands in for opencv-python
-    assert download == ['mmdet==3.1.0', 'pycocotools==2.0.10', 'setuptools==80.9.0',
-                        'Shapely==2.1.2']
+    assert closure == {**{n: v for n, v in stack}, 'numpy': '2.4.1', 'opencv-python': '5.0.0.93',
+                       'pycocotools': '2.0.10', 'shapely': '2.1.2'}
+    # the stack is collected even where the node has it (setuptools for pkg_resources, timm);
+    # headless cv2 stands in for opencv-python
+    assert download == [f'{n}=={v}' for n, v in stack if n != 'mmcv'] + [
+        'pycocotools==2.0.10', 'Shapely==2.1.2']
     assert left == ['numpy', 'opencv-python']
     # without a node list, everything but torch's family and mmcv
     _, full, none_left = wm.select(report, None, False)
-    assert len(full) == 6 and none_left == []
+    assert len(full) == len(stack) - 1 + 4 and none_left == []
+    # a stack package the requirements no longer pull would silently not be installed
+    without_timm = {'install': [i for i in report['install'] if i['metadata']['name'] != 'timm']}
+    with pytest.raises(SystemExit, match="lacks the stack packages \\['timm'\\]"):
+        wm.select(without_timm, None, False)
     empty = tmp_path / 'empty.txt'
     empty.write_text('# nothing\n')
     with pytest.raises(ValueError, match='names no package'):
         wm.read_node_packages(str(empty))
 
 
-def _layered_wheelhouse(folder: Path, closure: dict) -> Path:
+def _layered_wheelhouse(folder: Path, closure: dict, built_here: bool = False) -> Path:
     folder.mkdir()
     wheel = _write_wheel(folder)
     manifest = {
@@ -183,6 +191,7 @@ def _layered_wheelhouse(folder: Path, closure: dict) -> Path:
         'torch_cuda': torch.version.cuda, 'torch_cxx11_abi': int(torch._C._GLIBCXX_USE_CXX11_ABI),
         'torchvision': None, 'cuda_arch_list': None, 'torch_wheels_included': False,
         'install': [], 'closure': closure, 'layered': True, 'node_packages': ['pytest'],
+        'built_here': [wheel.name] if built_here else [],
         'wheels': {wheel.name: hashlib.sha256(wheel.read_bytes()).hexdigest()},
     }
     (folder / 'manifest.json').write_text(json.dumps(manifest))
@@ -214,3 +223,67 @@ def test_layered_install_names_what_neither_side_has(tmp_path, fresh_target):
     assert 'flora-absent-dependency==1.0' in res.stderr and 'mmdet==0.0.1' in res.stderr, res.stderr
     assert 'NODE_PACKAGES' in res.stderr, res.stderr
     assert not _installed(fresh_target)  # nothing installed when the plan fails
+
+
+def test_layered_plan_pins_the_stack_and_leaves_built_wheels_to_their_files():
+    wm = _manifest_module()
+    m = {'closure': {'mmdet': '3.1.0', 'timm': '1.0.31', 'mmcv': '2.0.1', 'flora-mm': '0.1.0',
+                     'numpy': '2.4.1', 'opencv-python': '5.0.0.93', 'pycocotools': '2.0.11'},
+         'wheels': {f: '' for f in ['mmdet-3.1.0-py3-none-any.whl', 'timm-1.0.31-py3-none-any.whl',
+                                    'mmcv-2.0.1-cp312-cp312-linux_x86_64.whl',
+                                    'flora_mm-0.1.0-py3-none-any.whl',
+                                    'pycocotools-2.0.11-cp312-abi3-manylinux_2_28_x86_64.whl']}}
+    node = {'mmdet': '3.0.0', 'timm': '1.0.31', 'mmcv': '2.0.1', 'numpy': '',
+            'opencv-python-headless': '5.1.0.95'}
+    pins, kept = wm.layered_plan(m, node)
+    # the node's mmdet 3.0.0 is replaced; its timm is the pin already; mmcv and flora_mm are
+    # reinstalled from their files by the script (a same-numbered mmcv may be another build)
+    assert pins == ['mmdet==3.1.0', 'pycocotools==2.0.11']
+    assert kept == ["numpy: the node's  kept (the closure has 2.4.1)",
+                    "opencv-python: the node's opencv-python-headless 5.1.0.95 kept "
+                    '(the closure has 5.0.0.93)']
+    del m['wheels']['mmcv-2.0.1-cp312-cp312-linux_x86_64.whl']
+    with pytest.raises(SystemExit, match='mmcv==2.0.1'):
+        wm.layered_plan(m, node)
+
+
+def test_manifest_records_the_closure_and_the_wheels_built_here(tmp_path):
+    wm = _manifest_module()
+    out = tmp_path / 'wh'
+    out.mkdir()
+    for name in ('mmcv-2.0.1-cp312-cp312-linux_x86_64.whl', 'flora_mm-0.1.0-py3-none-any.whl',
+                 'mmdet-3.1.0-py3-none-any.whl'):
+        (out / name).write_bytes(name.encode())
+    (tmp_path / 'reqs.txt').write_text('mmdet==3.1.0\nnumpy==2.4.1\n')
+    (tmp_path / 'closure.json').write_text(json.dumps({
+        'closure': {'mmdet': '3.1.0', 'mmcv': '2.0.1', 'numpy': '2.4.1'},
+        'node_packages': ['numpy'], 'left_to_node': ['numpy']}))
+    fields = {'python': '3.12', 'variant': 'cuda', 'torch': '2.11.0', 'mmcv': '2.0.1'}
+    wm.main(['write', str(out), '--requirements', str(tmp_path / 'reqs.txt'),
+             '--closure-json', str(tmp_path / 'closure.json'), '--fields', json.dumps(fields)])
+    m = json.loads((out / 'manifest.json').read_text())
+    assert m['layered'] and m['node_packages'] == ['numpy'] and m['variant'] == 'cuda'
+    assert m['closure'] == {'mmdet': '3.1.0', 'mmcv': '2.0.1', 'numpy': '2.4.1',
+                            'flora-mm': '0.1.0'}  # flora_mm's own wheel joins the closure
+    assert m['built_here'] == ['flora_mm-0.1.0-py3-none-any.whl',
+                               'mmcv-2.0.1-cp312-cp312-linux_x86_64.whl']
+    assert m['install'] == ['mmdet==3.1.0', 'numpy==2.4.1', 'mmcv==2.0.1', 'flora_mm']
+    assert m['wheels'] == {f.name: hashlib.sha256(f.read_bytes()).hexdigest()
+                           for f in out.glob('*.whl')}
+    assert not list(out.glob('*.part'))
+
+
+def test_a_same_numbered_build_on_the_node_is_replaced_by_the_wheelhouses(tmp_path, fresh_target):
+    """What happens to mmcv 2.0.1 of another build (CPU variant, other torch) on the node: pip
+    alone would keep it, since the version is the same."""
+    other = tmp_path / 'other'
+    other.mkdir()
+    subprocess.run([str(fresh_target), '-m', 'pip', 'install', '-q', '--no-index', '--no-deps',
+                    str(_write_wheel(other, build='the node'))], check=True,
+                   env=dict(os.environ, PIP_CONFIG_FILE=os.devnull))
+    wh = _layered_wheelhouse(tmp_path / 'wh', {'flora-offline-probe': '0.1'}, built_here=True)
+    res = _run(wh, fresh_target)
+    assert res.returncode == 0, res.stderr
+    build = subprocess.run([str(fresh_target), '-c', f'import {PROBE}; print({PROBE}.BUILD)'],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert build == 'wheelhouse'

@@ -45,12 +45,13 @@ TRAIN_STEPS: list[tuple[str, str, list[str], tuple[str, ...]]] = [
 
 #: the benchmark rows: the paper's Table 4 methods, with Floor and Full as the bounds
 BENCH_METHODS = ('Floor', 'LoRA', 'DoRA', 'FLoRA', 'Full')
-# (name, file stem, tools/benchmark.py arguments, GPU memory it needs in GiB)
+# (name, file stem, tools/benchmark.py arguments, GPU memory it needs in GiB: a "16 GB" card
+# reports about 15.8 GiB)
 BENCHMARKS: list[tuple[str, str, list[str], float]] = [
     ('benchmark ConvNeXt-V2-tiny fp32', 'bench_tiny',
      ['--arch', 'tiny', '--batch', '8', '--size', '224', '--rounds', '6'], 0.0),
     ('benchmark ConvNeXt-V2-large bf16', 'bench_large',
-     ['--arch', 'large', '--batch', '2', '--size', '224', '--rounds', '6', '--bf16'], 16.0),
+     ['--arch', 'large', '--batch', '2', '--size', '224', '--rounds', '6', '--bf16'], 15.0),
 ]
 #: the CPU rehearsal's benchmark: the same code path, a size two cores finish in a minute or two
 REHEARSAL_BENCH = ['--arch', 'atto', '--batch', '2', '--size', '64', '--rounds', '2',
@@ -101,18 +102,19 @@ def _timed(name: str, fn) -> StepResult:
 
 
 def _train_and_test(config: str, options: list[str], metrics: tuple[str, ...],
-                    work_dir: str, amp: bool = True) -> tuple[bool, str]:
+                    work_dir: str, amp: bool = True, env: dict | None = None
+                    ) -> tuple[bool, str]:
     train_dir, test_dir = os.path.join(work_dir, 'train'), os.path.join(work_dir, 'test')
     opts = ['--cfg-options', *options] if options else []
     ok, detail = _run(tool_command('train', [config, *(['--amp'] if amp else []), '--work-dir',
                                              train_dir, *opts]),
-                      os.path.join(work_dir, 'train.log'))
+                      os.path.join(work_dir, 'train.log'), env=env)
     if not ok:
         return False, 'train ' + detail
     with open(os.path.join(train_dir, 'last_checkpoint')) as f:
         ckpt = f.read().strip()
     ok, detail = _run(tool_command('test', [config, ckpt, '--work-dir', test_dir, *opts]),
-                      os.path.join(work_dir, 'test.log'))
+                      os.path.join(work_dir, 'test.log'), env=env)
     if not ok:
         return False, 'test ' + detail
     found = _last_metrics(test_dir)
@@ -122,12 +124,13 @@ def _train_and_test(config: str, options: list[str], metrics: tuple[str, ...],
     return True, ', '.join(f'{k}={v:.3f}' for k, v in values.items())
 
 
-def _benchmark(args: list[str], stem: str, work_dir: str) -> tuple[bool, str]:
+def _benchmark(args: list[str], stem: str, work_dir: str, env: dict | None = None
+               ) -> tuple[bool, str]:
     """tools/benchmark.py with JSON and PNG beside the report; the detail names FLoRA's ratios."""
     json_path, png = (os.path.join(work_dir, f'{stem}.{ext}') for ext in ('json', 'png'))
     ok, detail = _run(tool_command('benchmark', [*args, '--methods', *BENCH_METHODS,
                                                  '--json', json_path, '--plot', png]),
-                      os.path.join(work_dir, 'logs', f'{stem}.log'))
+                      os.path.join(work_dir, 'logs', f'{stem}.log'), env=env)
     if not ok:
         return False, detail
     with open(json_path) as f:
@@ -143,16 +146,17 @@ def _flora_summary(flora: dict) -> str:
     return text
 
 
-def _report(path: str, header: list[str], results: list[StepResult], work_dir: str) -> None:
-    """gpu_check.md: what ran where, each step, and the benchmark tables as tools/benchmark.py
-    prints them (written to a .part file first)."""
+def _report(path: str, header: list[str], results: list[StepResult], work_dir: str,
+            benchmarks: list[str]) -> None:
+    """gpu_check.md: what ran where, each step, and the tables of ``benchmarks`` (the stems this
+    run wrote) as tools/benchmark.py prints them (written to a .part file first)."""
     from .benchmark import BenchResult, format_table
     lines = ['# flora_mm gpu-check', '', *header, '', '| step | status | seconds | detail |',
              '| --- | --- | --- | --- |']
     for r in results:
         status = 'SKIP' if r.skipped else ('PASS' if r.ok else 'FAIL')
         lines.append(f'| {r.name} | {status} | {r.seconds:.1f} | {r.detail.replace("|", "/")} |')
-    for _, stem, _, _ in BENCHMARKS:
+    for stem in benchmarks:
         json_path = os.path.join(work_dir, f'{stem}.json')
         if os.path.exists(json_path):
             with open(json_path) as f:
@@ -181,6 +185,12 @@ def run_gpu_check(work_dir: str = 'work_dirs/gpu_check', rehearse: bool = False)
         print('gpu-check: needs the source tree (its configs/ and tests/): run it in a checkout')
         return 2
     os.makedirs(os.path.join(work_dir, 'logs'), exist_ok=True)
+    for _, stem, _, _ in BENCHMARKS:  # a reused folder: no earlier run's figures in the report
+        for ext in ('json', 'png'):
+            if os.path.exists(os.path.join(work_dir, f'{stem}.{ext}')):
+                os.remove(os.path.join(work_dir, f'{stem}.{ext}'))
+    # the rehearsal's children see no GPU either, also on a machine that has one
+    child = {'CUDA_VISIBLE_DEVICES': ''} if rehearse else {}
     started = time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())
     if rehearse:
         n_gpus, devices, gpu_gib = 0, 'CPU (rehearsal)', 0.0
@@ -202,16 +212,16 @@ def run_gpu_check(work_dir: str = 'work_dirs/gpu_check', rehearse: bool = False)
     data_root = os.path.join(root, 'data', 'tiny')
     results.append(_timed('tiny data', lambda: _run(
         tool_command('make_tiny_data', ['--out', data_root]),
-        os.path.join(work_dir, 'logs', 'data.log'))))
+        os.path.join(work_dir, 'logs', 'data.log'), env=child)))
     for i, (name, config, options, metrics) in enumerate(TRAIN_STEPS):
         if rehearse:  # fp32 on the CPU: AMP and the bf16 backbone are CUDA's
             name, options = name.split(' (')[0] + ' (CPU fp32)', []
         task_dir = os.path.join(work_dir, f'task{i}')
         results.append(_timed(name, lambda c=config, o=options, m=metrics, d=task_dir:
-                              _train_and_test(c, o, m, d, amp=not rehearse)))
+                              _train_and_test(c, o, m, d, amp=not rehearse, env=child)))
     results.append(_timed('pytest -m cuda', lambda: _run(
         [sys.executable, '-m', 'pytest', '-m', 'cuda', '-q', '-p', 'no:cacheprovider', 'tests'],
-        os.path.join(work_dir, 'logs', 'pytest_cuda.log'))))
+        os.path.join(work_dir, 'logs', 'pytest_cuda.log'), env=child)))
     if n_gpus >= 2:
         dist_env = dict(os.environ, PORT=os.environ.get('PORT', '29531'))
         results.append(_timed('torchrun train, 2 GPUs (coco tiny)', lambda: _run(
@@ -222,6 +232,7 @@ def run_gpu_check(work_dir: str = 'work_dirs/gpu_check', rehearse: bool = False)
         results.append(StepResult('torchrun train, 2 GPUs', True, 0.0,
                                   f'skipped: {n_gpus} GPU{"" if n_gpus == 1 else "s"}',
                                   skipped=True))
+    benchmarks = []
     for name, stem, args, need_gib in BENCHMARKS:
         if rehearse:
             if '--bf16' in args:
@@ -235,7 +246,9 @@ def run_gpu_check(work_dir: str = 'work_dirs/gpu_check', rehearse: bool = False)
             continue
         else:
             args = [*args, '--device', 'cuda']
-        results.append(_timed(name, lambda a=args, s=stem: _benchmark(a, s, work_dir)))
+        results.append(_timed(name, lambda a=args, s=stem: _benchmark(a, s, work_dir, child)))
+        if results[-1].ok:
+            benchmarks.append(stem)
 
     machine = f'{n_gpus} x {devices}' if n_gpus else devices
     software = (f'torch {torch.__version__}, CUDA {torch.version.cuda}, Python '
@@ -252,5 +265,5 @@ def run_gpu_check(work_dir: str = 'work_dirs/gpu_check', rehearse: bool = False)
     skipped = sum(r.skipped for r in results)
     print(f'gpu-check: {len(results) - len(failed) - skipped} steps passed, {len(failed)} failed, '
           f'{skipped} skipped; report {os.path.join(work_dir, "gpu_check.md")}')
-    _report(os.path.join(work_dir, 'gpu_check.md'), header, results, work_dir)
+    _report(os.path.join(work_dir, 'gpu_check.md'), header, results, work_dir, benchmarks)
     return 1 if failed else 0
