@@ -33,8 +33,12 @@ start=$(date +%s)
 
 # 1 + 2: the checks (scripts/wheelhouse_manifest.py plan), printing the install list on success
 install_list="$("$py" "$here/wheelhouse_manifest.py" plan "$wh")" || exit 1
-layered="$("$py" -c 'import json, sys; print(int(bool(json.load(open(sys.argv[1])).get("layered"))))' "$wh/manifest.json")"
-variant="$("$py" -c 'import json, sys; print(json.load(open(sys.argv[1]))["variant"])' "$wh/manifest.json")"
+# the manifest's fields the steps below need: "layered variant", then the wheels built here
+{ read -r layered variant; mapfile -t built; } < <("$py" -c '
+import json, sys
+m = json.load(open(sys.argv[1]))
+print(int(bool(m.get("layered"))), m["variant"])
+print("\n".join(m.get("built_here") or []))' "$wh/manifest.json" | sed '/^$/d')
 
 # 3. no index, no compiling: wheels only, from the folder. A layered wheelhouse's plan is the
 # closure minus what the node keeps, pinned, so nothing is resolved against the index (--no-deps)
@@ -51,7 +55,6 @@ fi
 # the wheels built by wheelhouse.sh (mmcv compiled against this torch, flora_mm), from their
 # files: pip keeps an installed mmcv 2.0.1 of another build (a CPU variant, another torch) or a
 # flora_mm 0.1.0 of other code, whose version numbers are the same
-mapfile -t built < <("$py" -c 'import json, sys; print("\n".join(json.load(open(sys.argv[1])).get("built_here") or []))' "$wh/manifest.json" | sed '/^$/d')
 if [ "${#built[@]}" -gt 0 ]; then
   pipi --no-deps --force-reinstall "${built[@]/#/$wh/}"
 fi

@@ -52,7 +52,8 @@ def _write_wheel(folder: Path, version: str = '0.1', name: str = PROBE,
     return path
 
 
-def _wheelhouse(folder: Path, torch_version: str) -> Path:
+def _wheelhouse(folder: Path, torch_version: str, **fields) -> Path:
+    """The probe's wheel and a manifest for this interpreter (``fields`` override its entries)."""
     folder.mkdir()
     wheel = _write_wheel(folder)
     manifest = {
@@ -62,6 +63,7 @@ def _wheelhouse(folder: Path, torch_version: str) -> Path:
         'torchvision': None, 'cuda_arch_list': None, 'torch_wheels_included': False,
         'install': [f'{PROBE}==0.1'],
         'wheels': {wheel.name: hashlib.sha256(wheel.read_bytes()).hexdigest()},
+        **fields,
     }
     (folder / 'manifest.json').write_text(json.dumps(manifest))
     return folder
@@ -183,19 +185,9 @@ def test_select_leaves_the_nodes_packages_but_never_the_stack(tmp_path):
 
 
 def _layered_wheelhouse(folder: Path, closure: dict, built_here: bool = False) -> Path:
-    folder.mkdir()
-    wheel = _write_wheel(folder)
-    manifest = {
-        'format': 2, 'python': '%d.%d' % sys.version_info[:2], 'platform': 'manylinux_2_28_x86_64',
-        'variant': 'cpu', 'torch': torch.__version__.split('+')[0], 'torch_build': torch.__version__,
-        'torch_cuda': torch.version.cuda, 'torch_cxx11_abi': int(torch._C._GLIBCXX_USE_CXX11_ABI),
-        'torchvision': None, 'cuda_arch_list': None, 'torch_wheels_included': False,
-        'install': [], 'closure': closure, 'layered': True, 'node_packages': ['pytest'],
-        'built_here': [wheel.name] if built_here else [],
-        'wheels': {wheel.name: hashlib.sha256(wheel.read_bytes()).hexdigest()},
-    }
-    (folder / 'manifest.json').write_text(json.dumps(manifest))
-    return folder
+    return _wheelhouse(folder, torch.__version__.split('+')[0], format=2, install=[],
+                       closure=closure, layered=True, node_packages=['pytest'],
+                       built_here=[f'{PROBE}-0.1-py3-none-any.whl'] if built_here else [])
 
 
 def test_layered_install_keeps_the_nodes_packages(tmp_path, fresh_target):

@@ -66,6 +66,10 @@ class StepResult:
     detail: str = ''
     skipped: bool = False
 
+    @property
+    def status(self) -> str:
+        return 'SKIP' if self.skipped else ('PASS' if self.ok else 'FAIL')
+
 
 def _run(cmd: list[str], log_path: str, env: dict | None = None,
          root: str | None = None) -> tuple[bool, str]:
@@ -154,16 +158,13 @@ def _report(path: str, header: list[str], results: list[StepResult], work_dir: s
     lines = ['# flora_mm gpu-check', '', *header, '', '| step | status | seconds | detail |',
              '| --- | --- | --- | --- |']
     for r in results:
-        status = 'SKIP' if r.skipped else ('PASS' if r.ok else 'FAIL')
-        lines.append(f'| {r.name} | {status} | {r.seconds:.1f} | {r.detail.replace("|", "/")} |')
+        lines.append(f'| {r.name} | {r.status} | {r.seconds:.1f} | {r.detail.replace("|", "/")} |')
     for stem in benchmarks:
-        json_path = os.path.join(work_dir, f'{stem}.json')
-        if os.path.exists(json_path):
-            with open(json_path) as f:
-                result = BenchResult(**json.load(f))
-            # titled by what ran (a rehearsal runs a smaller model than the step's name says)
-            lines += ['', f'## Benchmark ({stem}.json)', '', format_table(result), '',
-                      f'![{stem}]({stem}.png)']
+        with open(os.path.join(work_dir, f'{stem}.json')) as f:
+            result = BenchResult(**json.load(f))
+        # titled by what ran (a rehearsal runs a smaller model than the step's name says)
+        lines += ['', f'## Benchmark ({stem}.json)', '', format_table(result), '',
+                  f'![{stem}]({stem}.png)']
     with open(path + '.part', 'w') as f:
         f.write('\n'.join(lines) + '\n')
     os.replace(path + '.part', path)
@@ -259,8 +260,7 @@ def run_gpu_check(work_dir: str = 'work_dirs/gpu_check', rehearse: bool = False)
               f'- total {sum(r.seconds for r in results):.0f} s']
     print(f'\n== flora_mm gpu-check on {machine} ({software}) ==')
     for r in results:
-        status = 'SKIP' if r.skipped else ('PASS' if r.ok else 'FAIL')
-        print(f'{status} {r.seconds:7.1f}s  {r.name:40s} {r.detail}')
+        print(f'{r.status} {r.seconds:7.1f}s  {r.name:40s} {r.detail}')
     failed = [r.name for r in results if not r.ok]
     skipped = sum(r.skipped for r in results)
     print(f'gpu-check: {len(results) - len(failed) - skipped} steps passed, {len(failed)} failed, '
